@@ -16,6 +16,7 @@ import hashlib
 import hmac
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -294,10 +295,10 @@ class Chain:
 
     def deploys_finished(self):
         """How many deploys the watcher has seen end, successful or not."""
-        return self.log_text().count(DEPLOY_FINISHED_MARK)
+        return len(DEPLOY_FINISHED.findall(self.log_text()))
 
     def deploys_started(self):
-        return self.log_text().count(DEPLOY_STARTED_MARK)
+        return len(DEPLOY_STARTED.findall(self.log_text()))
 
     def wait_deploys_finished(self, count, timeout=DEPLOY_BOUND):
         wait_until(lambda: self.deploys_finished() >= count, timeout, f"{count} finished deploys")
@@ -331,9 +332,9 @@ class Chain:
         return result.stdout + result.stderr
 
 
-# Fixed words of the watcher's log lines (see watch_deploy.py).
-DEPLOY_STARTED_MARK = "deploy started"
-DEPLOY_FINISHED_MARK = "deploy finished"
+# The watcher's log lines for a deploy's start and end (see watch_deploy.py).
+DEPLOY_STARTED = re.compile(r"deploy started: ")
+DEPLOY_FINISHED = re.compile(r"deploy (succeeded|failed|killed) |cannot run the deploy command")
 
 
 def push_payload(before, after):
