@@ -67,7 +67,10 @@ COMPOSE_PATTERNS = ("docker-compose*.yml", "docker-compose*.yaml", "compose*.yml
 DEFAULT_SSH_COMMAND = "ssh -o BatchMode=yes"
 TRIGGER_VARIABLES = (("DEPLOY_SHA", "sha"), ("DEPLOY_REF", "ref"), ("DEPLOY_DELIVERY", "delivery"))
 
-DEFAULT_LOCK_TIMEOUT = 1800.0  # seconds a run waits for the run before it
+# Seconds a run waits for the run before it: longer than the longest run the
+# timeouts below allow (a build, a failed up, a rollback build and up: about
+# 2.6 h), so a queued run never gives up on a live one and loses its push.
+DEFAULT_LOCK_TIMEOUT = 4 * 3600.0
 DEFAULT_WAIT_TIMEOUT = 300  # seconds `up --wait` gives containers to be running and healthy
 LOCK_POLL_INTERVAL = 0.2  # seconds between two tries at the lock
 GIT_TIMEOUT = 60.0  # seconds for a local git command
@@ -1157,6 +1160,9 @@ def deploy(opts, environ):
 def main(argv=None):
     for stream in (sys.stdout, sys.stderr):
         stream.reconfigure(errors="backslashreplace")
+    # A log reader that went away (the watcher killed) must not fill the
+    # rest of the deploy with tracebacks: the deploy carries on regardless.
+    logging.raiseExceptions = False
     handler = logging.StreamHandler(sys.stdout)
     handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S"))
     log.addHandler(handler)
@@ -1168,6 +1174,10 @@ def main(argv=None):
     except DeployError as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         return err.code
+    except KeyboardInterrupt:
+        # The child died with us (PDEATHSIG); the next run picks up from here.
+        print("error: interrupted; the next deploy carries on from here", file=sys.stderr, flush=True)
+        return 128 + signal.SIGINT
     finally:
         log.removeHandler(handler)
 
