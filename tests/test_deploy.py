@@ -21,7 +21,7 @@ import pytest
 
 import deploy
 import fake_docker_for_deploy as fake_docker
-from conftest import GIT_IDENTITY, ROOT, git, run_script
+from conftest import GIT_IDENTITY, ROOT, git, require, run_script
 
 INITIAL_FILES = {
     "docker-compose.yml": "services:\n  web:\n    build: web\n",
@@ -911,8 +911,7 @@ def test_https_remote_asking_for_a_password_fails_at_once(deployed):
 
 
 def test_dubious_ownership_names_safe_directory(deployed):
-    if os.geteuid() != 0:
-        pytest.skip("needs root to give the checkout to another user")
+    require(os.geteuid() == 0, "needs root to give the checkout to another user")
     for path in [deployed.app, *deployed.app.rglob("*")]:
         os.lchown(path, 12345, 12345)
     result = deployed.deploy()
