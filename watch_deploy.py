@@ -148,6 +148,12 @@ def build_parser(environ):
         action="store_true",
         help="set DEPLOY_DRY_RUN=1 for the deploy command (deploy.py then changes nothing)",
     )
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="check the settings, the folder and that no other watcher runs on it, then exit "
+        "(the service runs this before it starts the watcher)",
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="also log every inotify event")
     return parser
 
@@ -384,7 +390,10 @@ class TriggerFolder:
     def drop_claim(self, kind):
         try:
             if kind == "directory":
-                shutil.rmtree(f"{self.fd_path}/{self.claim_name}")
+                # Never delete what may hold someone's files: move it aside.
+                aside = f".{self.trigger_name}.not-a-file.{time.strftime('%Y%m%d-%H%M%S')}"
+                os.rename(self.claim_name, aside, src_dir_fd=self.fd, dst_dir_fd=self.fd)
+                log.warning("moved the directory aside to %s/%s", self.path, aside)
             else:
                 os.unlink(self.claim_name, dir_fd=self.fd)
         except FileNotFoundError:
@@ -525,7 +534,7 @@ def deploy_claim(folder, settings, signals):
     (None when the claim was not a file or a symlink: no deploy)."""
     kind, content = folder.read_claim()
     if kind not in ("file", "vanished file", "symlink"):
-        log.warning("ignored %s: it is a %s, not a file; removing it", folder.trigger_name, kind)
+        log.warning("ignored %s: it is a %s, not a file", folder.trigger_name, kind)
         folder.drop_claim(kind)
         return None
     if kind == "symlink":
@@ -666,8 +675,33 @@ def log_start(folder, settings, mode):
         os.getpid(),
         shlex.join(settings.deploy_argv),
     )
+    for problem in deploy_problems(settings):
+        log.warning("%s", problem)
+
+
+def deploy_problems(settings):
+    """What will make every deploy fail, found now rather than at the first push."""
+    problems = []
     if shutil.which(settings.deploy_argv[0]) is None:
-        log.warning("the deploy command %s is not found or not executable", settings.deploy_argv[0])
+        problems.append(f"the deploy command {settings.deploy_argv[0]} is not found or not executable")
+    if settings.deploy_command is None:
+        app_dir = env_value(os.environ, "DEPLOY_APP_DIR")
+        if not app_dir:
+            problems.append("DEPLOY_APP_DIR is not set: every deploy will fail until it is")
+        elif not os.path.isdir(app_dir):
+            problems.append(f"DEPLOY_APP_DIR {app_dir} is not a folder: every deploy will fail until it is")
+    return problems
+
+
+def check_only(folder, settings):
+    """--check: the settings, the folder and its lock are fine, or one error line each."""
+    problems = deploy_problems(settings)
+    for problem in problems:
+        log.error("%s", problem)
+    if problems:
+        return EXIT_USAGE
+    log.info("settings ok: watching %s for %s would work", folder.path, folder.trigger_name)
+    return EXIT_OK
 
 
 def main(argv=None) -> int:
@@ -681,6 +715,8 @@ def main(argv=None) -> int:
         inotify_simple = None if settings.once or settings.poll else load_inotify()
         signals = StopSignals()
         folder = TriggerFolder(settings.watch_dir, settings.trigger_name)
+        if settings.check:
+            return check_only(folder, settings)
         if settings.once:
             return deploy_once(folder, settings, signals)
         if settings.poll:

@@ -44,7 +44,6 @@ from django.conf import settings
 from django.core.handlers.wsgi import WSGIRequest
 from django.http import JsonResponse, RawPostDataException, UnreadablePostError
 from django.views.decorators.csrf import csrf_exempt
-from django.views.decorators.http import require_POST
 
 __all__ = ["github_webhook", "signature"]
 
@@ -239,6 +238,31 @@ def write_trigger(path, trigger):
     except BaseException:
         os.unlink(tmp)
         raise
+    # The rename itself must reach the disk, or a power cut could lose the push.
+    folder_fd = os.open(folder or ".", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(folder_fd)
+    finally:
+        os.close(folder_fd)
+
+
+def trigger_path():
+    """DEPLOY_TRIGGER_FILE, which must be absolute: a relative one would land
+    wherever the web server happens to run."""
+    path = setting("DEPLOY_TRIGGER_FILE", DEFAULT_TRIGGER_FILE)
+    if not os.path.isabs(path):
+        raise WebhookError(500, f"DEPLOY_TRIGGER_FILE must be an absolute path, not {path!r}")
+    return path
+
+
+def trigger_folder_problem(path):
+    """Why the trigger could not be written into its folder, or None."""
+    folder = os.path.dirname(path)
+    if not os.path.isdir(folder):
+        return f"the trigger folder {folder} does not exist (is the shared folder mounted?)"
+    if not os.access(folder, os.W_OK):
+        return f"the trigger folder {folder} is not writable by this process"
+    return None
 
 
 def handle_push(payload, delivery):
@@ -267,7 +291,7 @@ def handle_push(payload, delivery):
     if deleted or not after.strip("0"):
         return ignored(f"{wanted_ref} was deleted; nothing to deploy")
 
-    path = setting("DEPLOY_TRIGGER_FILE", DEFAULT_TRIGGER_FILE)
+    path = trigger_path()
     now = datetime.datetime.now(datetime.timezone.utc)
     trigger = {
         "ref": clean(ref),
@@ -309,6 +333,12 @@ def handle(request, delivery):
         raise WebhookError(400, "missing X-GitHub-Event header")
     payload = parse_payload(request.content_type, body)
     if event == "ping":
+        # GitHub pings when the webhook is made: the moment to say what a
+        # push would run into.
+        problem = trigger_folder_problem(trigger_path())
+        if problem:
+            logger.warning("ping received (delivery %s), but %s", delivery or "-", problem)
+            return JsonResponse({"message": "pong", "warning": problem})
         logger.info("ping received (delivery %s)", delivery or "-")
         return JsonResponse({"message": "pong"})
     if event != "push":
@@ -317,11 +347,12 @@ def handle(request, delivery):
 
 
 @csrf_exempt
-@require_POST
 def github_webhook(request):
     """Verify a GitHub delivery and, for a push to the branch, trigger a deploy."""
     delivery = clean(request.META.get("HTTP_X_GITHUB_DELIVERY", ""))
     try:
+        if request.method != "POST":
+            raise WebhookError(405, "only POST is allowed: this URL receives GitHub's webhook")
         return handle(request, delivery)
     except WebhookError as exc:
         # GitHub shows any non-2xx as a failed delivery that can be redelivered.
@@ -331,4 +362,7 @@ def github_webhook(request):
             delivery or "-", request.META.get("REMOTE_ADDR", "?"),
             exc.status, exc.message,
         )
-        return JsonResponse({"error": exc.message}, status=exc.status)
+        response = JsonResponse({"error": exc.message}, status=exc.status)
+        if exc.status == 405:
+            response["Allow"] = "POST"
+        return response

@@ -288,6 +288,34 @@ def test_start_fails_clearly_without_inotify_simple(service, tmp_path):
     )
 
 
+def test_start_fails_clearly_on_a_bad_poll_value(service):
+    output = start_fails(service, DEPLOY_POLL="abc")
+    assert "--poll/DEPLOY_POLL must be a number of seconds" in output
+
+
+def test_start_fails_clearly_while_another_watcher_holds_the_folder(service):
+    other = subprocess.Popen(
+        [sys.executable, str(ROOT / "watch_deploy.py"), "--poll", "60", "--watch-dir", str(service.shared)],
+        stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        wait_until(lambda: other.poll() is not None or "watching " in (other.stderr.readline() or ""),
+                   "the other watcher", WAIT_SECONDS)
+        output = start_fails(service)
+    finally:
+        other.terminate()
+        other.wait(timeout=WAIT_SECONDS)
+    assert f"another watcher is already running on {service.shared}" in output
+
+
+def test_watcher_script_in_a_folder_with_spaces_runs(service, tmp_path):
+    spaced = tmp_path / "web hook" / "watch_deploy.py"
+    spaced.parent.mkdir()
+    spaced.write_bytes((ROOT / "watch_deploy.py").read_bytes())
+    service.start(WATCHER_SCRIPT=str(spaced))
+    assert str(spaced).encode() in cmdline(service.watcher())
+
+
 def test_example_conf_d_works_once_its_placeholders_are_set(service):
     example = CONFD.read_text()
     example = example.replace("/home/USERNAME/shared", str(service.shared))

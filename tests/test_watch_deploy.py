@@ -318,7 +318,7 @@ def test_fifo_trigger_is_removed_without_hanging_or_deploying(box):
     assert not os.path.lexists(box.claim)
 
 
-def test_directory_trigger_is_removed_without_deploying(box):
+def test_directory_trigger_is_moved_aside_whole_without_deploying(box):
     watcher = box.start()
     folder = box.shared / ".folder"
     (folder / "inner").mkdir(parents=True)
@@ -327,6 +327,8 @@ def test_directory_trigger_is_removed_without_deploying(box):
     assert box.deliveries_before_marker() == []
     assert "it is a directory, not a file" in watcher.log()
     assert not os.path.lexists(box.claim) and not os.path.lexists(box.trigger)
+    [aside] = box.shared.glob(f".{TRIGGER_NAME}.not-a-file.*")
+    assert (aside / "inner" / "file").read_text() == "x"
 
 
 def run_once_with(box, content, **env):
@@ -736,3 +738,49 @@ def test_poll_mode_deploys_a_trigger_once(box):
     box.start("--poll", "0.05")
     box.write_trigger("polled")
     assert box.deliveries_before_marker() == ["polled"]
+
+
+def test_missing_app_dir_is_warned_at_start_for_the_default_deploy(box, tmp_path):
+    env = dict(box.env, DEPLOY_APP_DIR=str(tmp_path / "nowhere"))
+    del env["DEPLOY_COMMAND"]
+    result = subprocess.run(
+        [sys.executable, str(WATCHER), "--once"],
+        env=env, capture_output=True, text=True, timeout=WAIT_SECONDS,
+    )
+    assert result.returncode == 0
+    assert (
+        f"warning: DEPLOY_APP_DIR {tmp_path / 'nowhere'} is not a folder:"
+        " every deploy will fail until it is"
+    ) in result.stderr
+
+
+def test_check_passes_for_good_settings_and_deploys_nothing(box):
+    box.write_trigger("pending")
+    result = box.run("--check", "--poll", "1")
+    assert result.returncode == 0, result.stderr
+    assert "settings ok: watching" in result.stderr
+    assert box.starts() == [] and box.trigger.exists()
+
+
+def test_check_fails_while_another_watcher_runs(box):
+    box.start()
+    result = box.run("--check")
+    assert result.returncode == 4
+    assert f"error: another watcher is already running on {box.shared}" in result.stderr
+
+
+def test_check_fails_on_a_bad_poll_value(box):
+    result = box.run("--check", env={"DEPLOY_POLL": "abc"})
+    assert result.returncode == 2
+    assert "--poll/DEPLOY_POLL must be a number of seconds" in result.stderr
+
+
+def test_check_fails_for_a_missing_app_dir(box, tmp_path):
+    env = dict(box.env, DEPLOY_APP_DIR=str(tmp_path / "nowhere"))
+    del env["DEPLOY_COMMAND"]
+    result = subprocess.run(
+        [sys.executable, str(WATCHER), "--check", "--poll", "1"],
+        env=env, capture_output=True, text=True, timeout=WAIT_SECONDS,
+    )
+    assert result.returncode == 2
+    assert f"error: DEPLOY_APP_DIR {tmp_path / 'nowhere'} is not a folder" in result.stderr

@@ -332,7 +332,9 @@ def test_settings_win_over_environment(trigger_file, monkeypatch):
 
 def test_get_is_not_allowed(trigger_file):
     response = Client().get("/webhook/")
-    assert response.status_code == 405
+    assert outcome(response) == (
+        405, {"error": "only POST is allowed: this URL receives GitHub's webhook"}
+    )
     assert response["Allow"] == "POST"
     assert not trigger_file.exists()
 
@@ -573,6 +575,24 @@ def test_ping_gets_pong(trigger_file):
     response = deliver(fixture("ping.json"), event="ping")
     assert outcome(response) == (200, {"message": "pong"})
     assert not trigger_file.exists()
+
+
+def test_ping_warns_when_the_trigger_folder_is_missing(trigger_file, tmp_path):
+    missing = tmp_path / "not-mounted"
+    with override_settings(DEPLOY_TRIGGER_FILE=str(missing / "deploy_trigger.txt")):
+        response = deliver(fixture("ping.json"), event="ping")
+    assert outcome(response) == (200, {
+        "message": "pong",
+        "warning": f"the trigger folder {missing} does not exist (is the shared folder mounted?)",
+    })
+
+
+def test_relative_trigger_file_is_refused(trigger_file):
+    with override_settings(DEPLOY_TRIGGER_FILE="shared/deploy_trigger.txt"):
+        response = deliver(fixture("push.json"))
+    assert outcome(response) == (500, {
+        "error": "DEPLOY_TRIGGER_FILE must be an absolute path, not 'shared/deploy_trigger.txt'"
+    })
 
 
 def test_other_event_is_ignored(trigger_file):
