@@ -9,8 +9,10 @@ A run, in order:
     and changes nothing: another branch checked out, local commits, a
     force-pushed remote, tracked files edited on the host that the update
     changes, untracked or ignored files (a .env) where the update adds files;
- 4. decides on rebuilding from every file changed since the last deploy;
- 5. fast-forwards the checkout and builds, while the old containers serve;
+ 4. decides on rebuilding from every file changed since the last deploy,
+    and since the commit checked out;
+ 5. fast-forwards the checkout (and updates its submodules), then builds,
+    while the old containers serve;
  6. recreates the containers (`up --wait` where the compose command has it);
     on failure puts the previous commit back, rebuilds if it had built, and
     brings that up again;
@@ -31,9 +33,9 @@ comes; on failure one `error: ...` line on stderr, and the exit status:
 
 Side effects: updates refs/remotes/<remote>/<branch>; moves the checked-out
 branch (never `reset --hard`, never `clean`: untracked and ignored files are
-never touched); runs compose build/up and `docker image prune -f`; keeps its
-record in <git-dir>/webhook-deploy/ and its lock in
-<git-dir>/webhook-deploy.lock, both out of git's sight.
+never touched) and checks out its submodules; runs compose build/up and
+`docker image prune -f`; keeps its record in <git-dir>/webhook-deploy/ and its
+lock in <git-dir>/webhook-deploy.lock, both out of git's sight.
 """
 
 import argparse
@@ -52,6 +54,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 EXIT_OK = 0
@@ -65,6 +68,7 @@ BUILD_MODES = ("auto", "always", "never")
 COMPOSE_FILES = ("compose.yaml", "compose.yml", "docker-compose.yml", "docker-compose.yaml")
 COMPOSE_PATTERNS = ("docker-compose*.yml", "docker-compose*.yaml", "compose*.yml", "compose*.yaml")
 DEFAULT_SSH_COMMAND = "ssh -o BatchMode=yes"
+SUBMODULE_UPDATE = ("submodule", "update", "--init", "--recursive")
 TRIGGER_VARIABLES = (("DEPLOY_SHA", "sha"), ("DEPLOY_REF", "ref"), ("DEPLOY_DELIVERY", "delivery"))
 
 # Seconds a run waits for the run before it: longer than the longest run the
@@ -79,6 +83,10 @@ PROBE_TIMEOUT = 30.0  # seconds for `compose version` and `compose up --help`
 BUILD_TIMEOUT = 3600.0  # seconds for `compose build`
 UP_TIMEOUT_MARGIN = 300.0  # seconds `up` may take beyond --wait-timeout (pulls, recreating)
 PRUNE_TIMEOUT = 600.0  # seconds for `docker image prune`
+TERM_GRACE = 5.0  # seconds a timed-out child gets between SIGTERM and SIGKILL
+# Seconds of silence after a streamed child exited before its output counts as
+# over, though something it started (ssh's ControlMaster) keeps the pipe open.
+QUIET_AFTER_EXIT = 0.5
 OUTPUT_TAIL_LINES = 20  # lines of a streamed child's output kept for its error message
 COMMITS_SHOWN = 10  # commits listed in the plan
 NAMES_SHOWN = 10  # file names listed in one message
@@ -106,6 +114,9 @@ PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._/-]*")
 COMMIT_RE = re.compile(r"[0-9a-f]{40}([0-9a-f]{24})?")
 WAIT_OPTION_RE = re.compile(r"--wait(?![\w-])")
+# A line of a .env that gives COMPOSE_FILE a value (not "" nor '').
+COMPOSE_FILE_LINE_RE = re.compile(r"""\s*(export\s+)?COMPOSE_FILE\s*=\s*(?!""|'')[^\s#]""")
+INDEX_LOCK_RE = re.compile(r"Unable to create '([^']*index\.lock)': File exists")
 
 log = logging.getLogger(__name__)
 
@@ -113,14 +124,16 @@ log = logging.getLogger(__name__)
 class DeployError(Exception):
     """An expected failure: one line for the person reading the log, and an exit status.
 
-    `output` holds what the failed child printed, for callers that tell
-    failures apart by it.
+    `output` holds what the failed child printed, and `timed_out` whether
+    it was stopped for running too long, for callers that tell failures
+    apart by them.
     """
 
-    def __init__(self, message, code=EXIT_FAILED, output=""):
+    def __init__(self, message, code=EXIT_FAILED, output="", timed_out=False):
         super().__init__(message)
         self.code = code
         self.output = output
+        self.timed_out = timed_out
 
 
 def _load_prctl():
@@ -136,15 +149,15 @@ def _load_prctl():
 _PRCTL = _load_prctl()
 
 
-def _die_with(parent_pid):
-    """Runs in the forked child: have the kernel SIGKILL it when deploy.py dies.
+def _die_with(parent_pid, signum):
+    """Runs in the forked child: have the kernel send it `signum` when deploy.py dies.
 
     Without this, a deploy.py killed outright (SIGKILL, the OOM killer)
     leaves its `compose build` running, racing the next deploy.
     """
     if _PRCTL is None:
         return
-    _PRCTL(PR_SET_PDEATHSIG, signal.SIGKILL)
+    _PRCTL(PR_SET_PDEATHSIG, signum)
     # The parent may have died between fork and prctl: nobody would signal us.
     if os.getppid() != parent_pid:
         os._exit(EXIT_FAILED)
@@ -163,50 +176,96 @@ def _decode(data):
     return data.decode("utf-8", "surrogateescape")
 
 
-def run(argv, cwd, timeout, env=None, stream=False, check=True):
-    """Run `argv` in `cwd`, killing it after `timeout` seconds; return a CompletedProcess.
+def run(argv, cwd, timeout, env=None, stream=False, check=True, death_signal=signal.SIGKILL):
+    """Run `argv` in `cwd`, stopping it after `timeout` seconds; return a CompletedProcess.
 
     stream=False captures stdout and stderr. stream=True logs the child's
     stdout and stderr line by line as they come, and keeps the last lines in
-    .stdout for the error message. Raises DeployError (with the child's
-    output) when the command cannot start, times out, or exits non-zero
-    while `check` is true.
+    .stdout for the error message. The child gets `death_signal` should
+    deploy.py die; one that runs too long gets SIGTERM, then SIGKILL after
+    TERM_GRACE. Raises DeployError (with the child's output) when the
+    command cannot start, times out, or exits non-zero while `check` is true.
     """
     shown = shlex.join(argv)
-    try:
-        child = subprocess.Popen(
-            argv,
-            cwd=cwd,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT if stream else subprocess.PIPE,
-            close_fds=True,
-            preexec_fn=lambda parent=os.getpid(): _die_with(parent),
-        )
-    except OSError as err:
-        if check:
-            raise DeployError(f"cannot run `{shown}`: {err.strerror}") from None
-        return subprocess.CompletedProcess(argv, 127, "", str(err))
-    with child:
+    with contextlib.ExitStack() as files:
+        if stream:
+            stdout, stderr = subprocess.PIPE, subprocess.STDOUT
+        else:
+            # Files, not pipes: a grandchild that keeps a pipe open (ssh's
+            # ControlMaster holds git's stderr) would make reading it last
+            # until the timeout, though the child itself is long gone.
+            try:
+                stdout = files.enter_context(tempfile.TemporaryFile())
+                stderr = files.enter_context(tempfile.TemporaryFile())
+            except OSError as err:
+                raise DeployError(f"cannot run `{shown}`: no temporary file: {err}") from None
         try:
-            if stream:
-                stdout, stderr = _stream(child, timeout), ""
-            else:
-                out, err = child.communicate(timeout=timeout)
-                stdout, stderr = _decode(out), _decode(err)
-        except subprocess.TimeoutExpired as expired:
-            child.kill()
-            child.wait()
-            output = expired.output if isinstance(expired.output, str) else ""
-            raise DeployError(f"`{shown}` timed out after {timeout:g} s", output=output) from None
+            child = subprocess.Popen(
+                argv,
+                cwd=cwd,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=stdout,
+                stderr=stderr,
+                close_fds=True,
+                preexec_fn=lambda parent=os.getpid(): _die_with(parent, death_signal),
+            )
+        except OSError as err:
+            if check:
+                raise DeployError(f"cannot run `{shown}`: {err.strerror}") from None
+            return subprocess.CompletedProcess(argv, 127, "", str(err))
+        with child:
+            try:
+                if stream:
+                    out_text, err_text = _stream(child, timeout), ""
+                else:
+                    _wait(child, timeout)
+                    out_text, err_text = _read(stdout), _read(stderr)
+            except subprocess.TimeoutExpired as expired:
+                _stop(child)
+                output = (expired.output or "") if stream else _read(stderr) or _read(stdout)
+                raise DeployError(
+                    f"`{shown}` timed out after {timeout:g} s", output=output, timed_out=True
+                ) from None
     if check and child.returncode != 0:
-        output = stdout if stream else stderr or stdout
+        output = out_text if stream else err_text or out_text
         raise DeployError(
             f"`{shown}` failed (exit {child.returncode}): {_summary(output, last=stream)}",
             output=output,
         )
-    return subprocess.CompletedProcess(argv, child.returncode, stdout, stderr)
+    return subprocess.CompletedProcess(argv, child.returncode, out_text, err_text)
+
+
+def _wait(child, timeout):
+    """child.wait(timeout), without its polling, which oversleeps the exit by up to 50 ms."""
+    try:
+        pidfd = os.pidfd_open(child.pid)
+    except (AttributeError, OSError):  # not Linux 5.3 or later
+        child.wait(timeout=timeout)
+        return
+    try:
+        poller = select.poll()
+        poller.register(pidfd, select.POLLIN)
+        if not poller.poll(timeout * 1000):
+            raise subprocess.TimeoutExpired(child.args, timeout)
+    finally:
+        os.close(pidfd)
+    child.wait()
+
+
+def _read(file):
+    file.seek(0)
+    return _decode(file.read())
+
+
+def _stop(child):
+    """SIGTERM first, so git removes its lock files (index.lock); SIGKILL if that is not enough."""
+    child.terminate()
+    try:
+        child.wait(timeout=TERM_GRACE)
+    except subprocess.TimeoutExpired:
+        child.kill()
+        child.wait()
 
 
 def _stream(child, timeout):
@@ -221,7 +280,11 @@ def _stream(child, timeout):
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise subprocess.TimeoutExpired(child.args, timeout, "\n".join(tail))
-        if not poller.poll(remaining * 1000):
+        if not poller.poll(min(remaining, QUIET_AFTER_EXIT) * 1000):
+            # Quiet, and the child is gone: whoever still holds the pipe
+            # open is not going to say more that matters.
+            if child.poll() is not None:
+                break
             continue
         chunk = os.read(fd, 65536)
         if not chunk:
@@ -310,8 +373,26 @@ class Checkout:
 
     def git(self, *args, timeout=GIT_TIMEOUT, check=True):
         try:
-            return run(["git", *args], cwd=self.dir, env=self.env, timeout=timeout, check=check)
+            # SIGTERM, not SIGKILL, should deploy.py die: git then removes
+            # its index.lock, which would otherwise fail every later deploy.
+            return run(
+                ["git", *args],
+                cwd=self.dir,
+                env=self.env,
+                timeout=timeout,
+                check=check,
+                death_signal=signal.SIGTERM,
+            )
         except DeployError as err:
+            stale = INDEX_LOCK_RE.search(err.output)
+            if stale:
+                raise DeployError(
+                    f"git cannot lock the index: {stale.group(1)} exists (left by a git that was"
+                    f" killed?); if no git process is running, remove {stale.group(1)}, then"
+                    " deploy again",
+                    err.code,
+                    err.output,
+                ) from None
             if "detected dubious ownership" in err.output:
                 hint = re.search(r"git config --global --add safe\.directory \S+", err.output)
                 fix = (
@@ -384,8 +465,24 @@ class Checkout:
                 raise DeployError(
                     f"branch '{branch}' does not exist on remote '{remote}'", EXIT_USAGE
                 ) from None
+            # A timeout leaves little output, if any: say it timed out.
+            if err.timed_out:
+                raise DeployError(
+                    f"git fetch {remote} failed: timed out after {FETCH_TIMEOUT:g} s"
+                ) from None
             raise DeployError(f"git fetch {remote} failed: {_summary(err.output)}") from None
         return self.rev(tracking)
+
+    def has_commit(self, commit):
+        """Whether `commit` is in the repository (a force-push and a gc can remove one)."""
+        return self.git("cat-file", "-e", f"{commit}^{{commit}}", check=False).returncode == 0
+
+    def has_submodules(self, commit):
+        return self.git("cat-file", "-e", f"{commit}:.gitmodules", check=False).returncode == 0
+
+    def update_submodules(self):
+        """Check out the submodule commits HEAD records: merge and reset leave them as they were."""
+        self.git(*SUBMODULE_UPDATE, timeout=FETCH_TIMEOUT)
 
     def is_ancestor(self, older, newer):
         result = self.git("merge-base", "--is-ancestor", older, newer, check=False)
@@ -401,9 +498,18 @@ class Checkout:
         return dict(zip(fields[1::2], fields[0::2]))
 
     def edited(self):
-        """Tracked files that differ from HEAD on the host, staged or not."""
+        """Tracked files that differ from HEAD on the host, staged or not.
+
+        Submodules are left out: one checked out at another commit than
+        HEAD records is stale, not edited, and `submodule update` moves it.
+        """
         entries = self.git(
-            "status", "--porcelain", "--no-renames", "-z", "--untracked-files=no"
+            "status",
+            "--porcelain",
+            "--no-renames",
+            "-z",
+            "--untracked-files=no",
+            "--ignore-submodules=all",
         ).stdout
         return {entry[3:] for entry in entries.split("\0") if entry}
 
@@ -452,6 +558,8 @@ class State:
                 lines = collections.deque(file, maxlen=count)
         except FileNotFoundError:
             return []
+        except OSError as err:
+            raise DeployError(f"cannot read {self.history_path}: {err.strerror}") from None
         entries = []
         for line in lines:
             with contextlib.suppress(ValueError):
@@ -475,8 +583,13 @@ class State:
         line = (json.dumps(entry, separators=(",", ":")) + "\n").encode("utf-8", "surrogateescape")
         try:
             os.makedirs(self.dir, exist_ok=True)
-            fd = os.open(self.history_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            fd = os.open(self.history_path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
             try:
+                # A run killed mid-write leaves a torn last line: end it, or
+                # this entry would be lost with it.
+                size = os.fstat(fd).st_size
+                if size and os.pread(fd, 1, size - 1) != b"\n":
+                    line = b"\n" + line
                 # One write per line: concurrent appends never interleave.
                 os.write(fd, line)
                 os.fsync(fd)
@@ -562,14 +675,16 @@ def build_parser():
     add(
         "--compose",
         metavar="COMMAND",
-        help="the compose command, split like a shell would (DEPLOY_COMPOSE; default:"
+        help="the compose command, split like a shell would; a wrapper script must `exec` its"
+        " command, or a killed deploy leaves that running (DEPLOY_COMPOSE; default:"
         " `docker compose` if it answers, else `docker-compose`)",
     )
     add(
         "--compose-file",
         metavar="FILE",
         help="compose file passed as -f, relative to the app dir (DEPLOY_COMPOSE_FILE;"
-        f" default: compose's own lookup, which needs one of {', '.join(COMPOSE_FILES)})",
+        f" default: compose's own lookup, which needs one of {', '.join(COMPOSE_FILES)},"
+        " or COMPOSE_FILE in the environment or the app dir's .env)",
     )
     add(
         "--build",
@@ -629,14 +744,21 @@ def resolve_options(args, environ):
     """
 
     def pick(attr, variable, default):
-        """(value, where it came from): the flag, else its variable, else the default."""
+        """(value, where it came from): the flag, else its variable, else the default.
+
+        A blank variable (`DEPLOY_LOCK_FILE=" "` in a conf.d file) counts as
+        unset; a blank flag is refused, rather than making a file named " ".
+        """
+        flag = "--" + attr.replace("_", "-")
         value = getattr(args, attr)
+        if isinstance(value, str) and not value.strip():
+            raise DeployError(f"{flag}: {value!r} is blank", EXIT_USAGE)
         if value is not None:
-            return value, "--" + attr.replace("_", "-")
+            return value, flag
         value = environ.get(variable, "")
-        if value != "":
+        if value.strip():
             return value, variable
-        return default, "--" + attr.replace("_", "-")
+        return default, flag
 
     def seconds(attr, variable, default, kind, least):
         """A number of seconds of type `kind` (float, or int where compose wants one), >= least."""
@@ -718,7 +840,7 @@ def resolve_options(args, environ):
     )
 
 
-def check_compose_file(opts):
+def check_compose_file(opts, environ):
     """Fail early, as bad configuration, when compose would find no file to read."""
     if opts.compose_file:
         if not os.path.isfile(os.path.join(opts.app_dir, opts.compose_file)):
@@ -726,12 +848,24 @@ def check_compose_file(opts):
                 f"compose file {opts.compose_file} not found in {opts.app_dir}", EXIT_USAGE
             )
         return
+    # COMPOSE_FILE names the files instead; compose reads it from its
+    # environment, else from the .env of the folder it runs in.
+    if environ.get("COMPOSE_FILE", "").strip() or _dot_env_names_compose_file(opts.app_dir):
+        return
     if not any(os.path.isfile(os.path.join(opts.app_dir, name)) for name in COMPOSE_FILES):
         raise DeployError(
             f"no compose file in {opts.app_dir} (looked for {', '.join(COMPOSE_FILES)});"
             " name yours with --compose-file",
             EXIT_USAGE,
         )
+
+
+def _dot_env_names_compose_file(app_dir):
+    try:
+        with open(os.path.join(app_dir, ".env"), encoding="utf-8", errors="replace") as file:
+            return any(COMPOSE_FILE_LINE_RE.match(line) for line in file)
+    except OSError:
+        return False
 
 
 def detect_compose(opts):
@@ -790,6 +924,12 @@ class Deployment:
         self.steps.append({"step": name, "seconds": round(seconds, 3)})
         log.info("%s done in %.2f s", name, seconds)
 
+    def run_step(self, name, argv, timeout):
+        """Run one docker command as a timed step, its output streamed to the log."""
+        with self.step(name):
+            log.info("run: %s", shlex.join(argv))
+            run(argv, cwd=self.opts.app_dir, timeout=timeout, stream=True)
+
     def run(self):
         opts = self.opts
         log.info(
@@ -822,6 +962,14 @@ class Deployment:
         if last == self.tip and not opts.force:
             log.info("up to date at %s", self.tip)
             return EXIT_OK
+        if last and not checkout.has_commit(last):
+            # git diff against it would fail this deploy and every later one.
+            log.warning(
+                "warning: the last deployed commit %s is gone from the repository (history"
+                " rewritten?): deploying as if for the first time",
+                last,
+            )
+            record = last = None
         with self.step("check"):
             plan = self.check(last)
         compose = wait = None
@@ -876,7 +1024,11 @@ class Deployment:
                 EXIT_REFUSED,
             )
         forward = checkout.changes(head, tip) if head != tip else {}
-        changed = forward if self.previous == head else checkout.changes(self.previous, tip)
+        # What runs is `previous`, what is checked out is `head` (a rollback
+        # by hand may have moved it): changes from either may need a rebuild.
+        changed = dict(forward)
+        if self.previous not in (head, tip):
+            changed.update(checkout.changes(self.previous, tip))
         edited = checkout.edited()
         # A rollback goes from the tip back to `previous`: it must not overwrite edits either.
         overwritten = sorted(edited & (set(forward) | set(changed)))
@@ -910,8 +1062,10 @@ class Deployment:
             )
         compose_file = None
         if opts.compose_file:
+            # git gives its top level with symlinks resolved: so must we.
             compose_file = os.path.relpath(
-                os.path.join(opts.app_dir, opts.compose_file), checkout.top
+                os.path.realpath(os.path.join(opts.app_dir, opts.compose_file)),
+                os.path.realpath(checkout.top),
             )
         inputs = [(path, image_input_kind(path, compose_file)) for path in sorted(changed)]
         inputs = [(path, kind) for path, kind in inputs if kind]
@@ -925,6 +1079,12 @@ class Deployment:
             rebuild=rebuild,
             reason=reason,
             commits=checkout.commits(self.previous, tip) if self.previous != tip else [],
+            submodules=checkout.has_submodules(tip),
+            # After a force-push accepted by hand (`reset --keep`), the last
+            # deployed commit is off the new history: putting it back makes
+            # the next deploy refuse as force-pushed.
+            previous_off_history=self.previous not in (head, tip)
+            and not checkout.is_ancestor(self.previous, tip),
         )
 
     def commands(self, compose, wait):
@@ -986,6 +1146,8 @@ class Deployment:
         steps = []
         if plan.head != tip:
             steps.append(["git", "merge", "--ff-only", tip])
+        if plan.submodules:
+            steps.append(["git", *SUBMODULE_UPDATE])
         if plan.rebuild:
             steps.append(commands.build)
         steps += [commands.up, commands.prune]
@@ -1002,48 +1164,65 @@ class Deployment:
         )
 
     def apply(self, plan, commands):
-        opts, checkout = self.opts, self.checkout
-        cwd = opts.app_dir
         if plan.head != self.tip:
             with self.step("update"):
-                checkout.git("merge", "--ff-only", "--quiet", self.tip)
+                self.checkout.git("merge", "--ff-only", "--quiet", self.tip)
+        if plan.submodules:
+            try:
+                with self.step("submodules"):
+                    self.checkout.update_submodules()
+            except DeployError as err:
+                raise self.nothing_deployed("submodule update", plan, err) from None
         if plan.rebuild:
             self.state.mark_build(self.tip)
             try:
-                with self.step("build"):
-                    log.info("run: %s", shlex.join(commands.build))
-                    run(commands.build, cwd=cwd, timeout=BUILD_TIMEOUT, stream=True)
+                self.run_step("build", commands.build, BUILD_TIMEOUT)
             except DeployError as err:
-                self.restore_tree("the build failed", err)
-                raise DeployError(
-                    "build failed, nothing deployed, the running containers left alone, the"
-                    f" checkout back at {_short(self.previous)}: {err}"
-                ) from None
+                raise self.nothing_deployed("build", plan, err) from None
             self.built = True
         try:
-            with self.step("up"):
-                log.info("run: %s", shlex.join(commands.up))
-                run(commands.up, cwd=cwd, timeout=commands.up_timeout, stream=True)
+            self.run_step("up", commands.up, commands.up_timeout)
         except DeployError as err:
             self.roll_back(commands, err)
-            raise DeployError(f"up failed, rolled back to {_short(self.previous)}: {err}") from None
+            raise DeployError(
+                f"up failed, rolled back to {_short(self.previous)}{self.off_history(plan)}: {err}"
+            ) from None
         with self.step("record"):
             self.state.write_record(self.entry(EXIT_OK))
             self.state.clear_build_mark()
             self.state.append_history(self.entry(EXIT_OK))
         try:
-            with self.step("prune"):
-                log.info("run: %s", shlex.join(commands.prune))
-                run(commands.prune, cwd=cwd, timeout=PRUNE_TIMEOUT, stream=True)
+            self.run_step("prune", commands.prune, PRUNE_TIMEOUT)
         except DeployError as err:
             log.warning("warning: image prune failed (the deploy stands): %s", err)
         log.info("deployed %s in %.2f s", self.tip, time.monotonic() - self.started)
         return EXIT_OK
 
+    def nothing_deployed(self, what, plan, cause):
+        """The error for `what` failing before any container changed; puts the tree back first."""
+        self.restore_tree(f"the {what} failed", cause)
+        return DeployError(
+            f"{what} failed, nothing deployed, the running containers left alone, the checkout"
+            f" back at {_short(self.previous)}{self.off_history(plan)}: {cause}"
+        )
+
+    def off_history(self, plan):
+        """The error's note when `previous`, put back, is no longer in the branch's history."""
+        if not plan.previous_off_history:
+            return ""
+        tracking = f"{self.opts.remote}/{self.opts.branch}"
+        return (
+            f" (not in the history of {tracking}, which was force-pushed: the next deploy will"
+            f" refuse as force-pushed; to deploy the next push, run"
+            f" `git -C {self.checkout.dir} reset --keep {tracking}` first)"
+        )
+
     def restore_tree(self, why, cause):
         try:
             with self.step("restore"):
                 self.checkout.git("reset", "--keep", "--quiet", self.previous)
+                if self.checkout.has_submodules(self.previous):
+                    self.checkout.update_submodules()
         except DeployError as err:
             raise self.rollback_failed(f"{why} ({cause})", err) from None
 
@@ -1054,17 +1233,8 @@ class Deployment:
         try:
             if self.built:
                 # The images hold the new code now. No --pull: rebuild what ran before.
-                with self.step("rollback build"):
-                    log.info("run: %s", shlex.join(commands.rollback_build))
-                    run(
-                        commands.rollback_build,
-                        cwd=self.opts.app_dir,
-                        timeout=BUILD_TIMEOUT,
-                        stream=True,
-                    )
-            with self.step("rollback up"):
-                log.info("run: %s", shlex.join(commands.up))
-                run(commands.up, cwd=self.opts.app_dir, timeout=commands.up_timeout, stream=True)
+                self.run_step("rollback build", commands.rollback_build, BUILD_TIMEOUT)
+            self.run_step("rollback up", commands.up, commands.up_timeout)
         except DeployError as err:
             raise self.rollback_failed(f"up failed ({cause})", err) from None
         if self.built:
@@ -1097,23 +1267,24 @@ class Deployment:
         return entry
 
 
+def _seconds(value, digits):
+    """`value` as "1.23 s"; "?" when it is no number (a record edited by hand, a newer format)."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return f"{value:.{digits}f} s"
+    return "?"
+
+
 def show_status(checkout, state):
-    """Print the last deploy and the recent runs, for a person."""
-    record = state.last_deployed()
-    if record is None:
-        print("never deployed")
+    """Print the last deploy and the recent runs, for a person: whatever the files hold."""
+    try:
+        record = state.last_deployed()
+    except DeployError as err:
+        print(f"last deployed: unreadable: {err}")
     else:
-        took = ", ".join(
-            f"{step['step']} {step['seconds']:.2f} s" for step in record.get("steps", [])
-        )
-        print(
-            f"last deployed: {record['commit']} from {record.get('remote')}/{record.get('branch')}"
-            f" at {record.get('time')}, {'with' if record.get('built') else 'without'} a build"
-        )
-        print(f"  took {record.get('seconds', 0):.2f} s: {took}")
-        trigger = record.get("trigger")
-        if trigger:
-            print("  trigger: " + ", ".join(f"{key} {value}" for key, value in trigger.items()))
+        if record is None:
+            print("never deployed")
+        else:
+            _show_record(record)
     head = checkout.git("rev-parse", "HEAD", "--abbrev-ref", "HEAD", check=False).stdout.split()
     if len(head) == 2:
         print(f"checkout: {head[1]} at {head[0]}")
@@ -1125,14 +1296,37 @@ def show_status(checkout, state):
         return
     print(f"last {len(entries)} run(s), oldest first:")
     for entry in entries:
-        line = f"  {entry.get('time')}  {entry.get('result')}  {_short(entry.get('commit'))}"
-        if entry.get("seconds") is not None:
-            line += f"  {entry['seconds']:.1f} s"
-        if entry.get("trigger", {}).get("delivery"):
-            line += f"  delivery {entry['trigger']['delivery']}"
-        if entry.get("reason"):
-            line += f"  {entry['reason']}"
-        print(line)
+        print(_history_line(entry))
+
+
+def _show_record(record):
+    steps = record.get("steps")
+    took = ", ".join(
+        f"{step.get('step', '?')} {_seconds(step.get('seconds'), 2)}"
+        for step in (steps if isinstance(steps, list) else [])
+        if isinstance(step, dict)
+    )
+    print(
+        f"last deployed: {record['commit']} from {record.get('remote')}/{record.get('branch')}"
+        f" at {record.get('time')}, {'with' if record.get('built') else 'without'} a build"
+    )
+    print(f"  took {_seconds(record.get('seconds'), 2)}: {took}")
+    trigger = record.get("trigger")
+    if isinstance(trigger, dict) and trigger:
+        print("  trigger: " + ", ".join(f"{key} {value}" for key, value in trigger.items()))
+
+
+def _history_line(entry):
+    commit = str(entry["commit"]) if entry.get("commit") else None
+    line = f"  {entry.get('time')}  {entry.get('result')}  {_short(commit)}"
+    if entry.get("seconds") is not None:
+        line += f"  {_seconds(entry['seconds'], 1)}"
+    delivery = entry["trigger"].get("delivery") if isinstance(entry.get("trigger"), dict) else None
+    if delivery:
+        line += f"  delivery {delivery}"
+    if entry.get("reason"):
+        line += f"  {entry['reason']}"
+    return line
 
 
 def deploy(opts, environ):
@@ -1142,10 +1336,13 @@ def deploy(opts, environ):
     state = State(checkout.git_dir)
     if opts.status:
         show_status(checkout, state)
+        # Now rather than at exit, so that a reader gone away (`| head -1`)
+        # reaches main as BrokenPipeError.
+        sys.stdout.flush()
         return EXIT_OK
     deployment = Deployment(opts, checkout, state, environ)
     try:
-        check_compose_file(opts)
+        check_compose_file(opts, environ)
         checkout.use_remote(opts.remote)
         return deployment.run()
     except DeployError as err:
@@ -1155,6 +1352,13 @@ def deploy(opts, environ):
             except DeployError as history_err:
                 log.warning("warning: %s", history_err)
         raise
+
+
+def _drop_stdout():
+    """Point stdout at /dev/null, or Python's flush at exit prints a BrokenPipeError."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
 
 
 def main(argv=None):
@@ -1178,6 +1382,10 @@ def main(argv=None):
         # The child died with us (PDEATHSIG); the next run picks up from here.
         print("error: interrupted; the next deploy carries on from here", file=sys.stderr, flush=True)
         return 128 + signal.SIGINT
+    except BrokenPipeError:
+        # Whoever read stdout went away (`--status | head -1`): nothing left to tell it.
+        _drop_stdout()
+        return 128 + signal.SIGPIPE
     finally:
         log.removeHandler(handler)
 

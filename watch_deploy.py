@@ -523,7 +523,11 @@ def run_deploy(argv, env, signals):
     if status == 0:
         log.info("deploy succeeded in %.2f s (exit status 0)", elapsed)
     elif status < 0:
-        log.error("deploy killed by %s after %.2f s", signal.Signals(-status).name, elapsed)
+        log.error(
+            "deploy killed by %s after %.2f s: it may have stopped half-way; the next"
+            " trigger deploys again (redeliver the push on GitHub, or run deploy.py)",
+            signal.Signals(-status).name, elapsed,
+        )
     else:
         log.error("deploy failed in %.2f s: exit status %d", elapsed, status)
     return status

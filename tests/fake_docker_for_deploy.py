@@ -16,10 +16,14 @@ It answers `docker compose version`, `docker-compose version` and
                      (a commit that breaks the build or the start)
   FAKE_DOCKER_BUILD_SECONDS  build sleeps this long after its first line
   FAKE_DOCKER_BUILD_UNTIL    build waits until this file exists
+  FAKE_DOCKER_LINGER  up leaves a `sleep 30` behind that holds its stdout and
+                     stderr open (as ssh's ControlMaster does), and writes
+                     that process's pid into this file
 """
 
 import json
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -90,6 +94,10 @@ def compose(program, args, fail):
             say("container app-web-1 is unhealthy", sys.stderr)
             return 1
         say("Container app-web-1 Started")
+        linger = os.environ.get("FAKE_DOCKER_LINGER")
+        if linger:
+            sleeper = subprocess.Popen(["sleep", "30"], stdin=subprocess.DEVNULL)
+            Path(linger).write_text(str(sleeper.pid))
         return 0
     say(f"fake docker: unexpected compose command {args}", sys.stderr)
     return 99

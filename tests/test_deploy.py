@@ -6,6 +6,7 @@ developer's clone that pushes between runs, all in a temp folder, and a fake
 that logs every call and fails or waits when told to.
 """
 
+import contextlib
 import http.server
 import json
 import os
@@ -30,6 +31,15 @@ INITIAL_FILES = {
     ".gitignore": ".env\n",
 }
 WAIT = 30  # seconds a test waits for a background deploy to reach a point
+# Seconds a run may take when something it started leaves a `sleep 30` behind:
+# far below 30, far above a run's usual second (a hang check, not a timing).
+HANG_BOUND = 15
+# Lets git clone a submodule from a local path, for the tests only.
+SUBMODULE_ENV = {
+    "GIT_CONFIG_COUNT": "1",
+    "GIT_CONFIG_KEY_0": "protocol.file.allow",
+    "GIT_CONFIG_VALUE_0": "always",
+}
 
 
 class Host:
@@ -204,6 +214,53 @@ def process_gone(pid):
     return "\nState:\tZ" in status
 
 
+def kill_pid_in(path):
+    """End the process whose pid a fake left in `path`, if it did."""
+    if path.exists():
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(int(path.read_text()), signal.SIGKILL)
+
+
+def force_push_accepted_on_the_host(host):
+    """Rewrite origin/main from the first commit; on the host, `reset --keep` to it as told."""
+    git("reset", "-q", "--hard", host.first, cwd=host.dev)
+    rewritten = host.push({"app.txt": "rewritten\n"}, "rewritten history", force=True)
+    git("fetch", "-q", "origin", cwd=host.app)
+    git("reset", "-q", "--keep", "origin/main", cwd=host.app)
+    return rewritten
+
+
+class Library:
+    """A repository the app has as its submodule `lib`, and a clone to commit to it."""
+
+    def __init__(self, host):
+        self.host = host
+        self.origin = host.root / "lib.git"
+        self.dev = host.root / "lib-dev"
+        git("init", "--bare", "-q", "-b", "main", str(self.origin), cwd=host.root)
+        git("clone", "-q", str(self.origin), str(self.dev), cwd=host.root)
+
+    def use(self, text, files=None):
+        """Commit lib.txt = `text` to the library; push the app with `lib` at it (and `files`)."""
+        (self.dev / "lib.txt").write_text(text)
+        git("add", "-A", cwd=self.dev)
+        git("commit", "-q", "-m", text, cwd=self.dev)
+        git("push", "-q", "origin", "HEAD:main", cwd=self.dev)
+        commit = git("rev-parse", "HEAD", cwd=self.dev)
+        lib = self.host.dev / "lib"
+        if lib.exists():
+            git("fetch", "-q", "origin", cwd=lib)
+            git("checkout", "-q", commit, cwd=lib)
+        else:
+            add = ["submodule", "add", "-q", str(self.origin), "lib"]
+            git(*add, cwd=self.host.dev, env=SUBMODULE_ENV)
+        self.host.push(files or {}, f"lib at {text}")
+        return commit
+
+    def checked_out(self):
+        return (self.host.app / "lib" / "lib.txt").read_text()
+
+
 # --- what gets built and run -------------------------------------------------
 
 
@@ -347,6 +404,101 @@ def test_change_to_the_named_compose_file_rebuilds(tmp_path):
     assert "rebuild: compose file changed (prod.yml)" in result.stdout
 
 
+def test_change_to_the_named_compose_file_rebuilds_through_a_symlinked_app_dir(tmp_path):
+    host = Host(tmp_path, files=dict(INITIAL_FILES, **{"prod.yml": "services: {}\n"}))
+    site = tmp_path / "site"
+    site.symlink_to(host.app)
+    args = ["--app-dir", str(site), "--compose-file", "prod.yml"]
+    assert run_script("deploy.py", *args, env=host.env()).returncode == 0
+    host.forget_calls()
+    host.push({"prod.yml": "services:\n  web: {}\n"}, "compose")
+    result = run_script("deploy.py", *args, env=host.env())
+    assert result.returncode == 0, result.stderr
+    assert host.actions() == ["build", "up", "prune"]
+    assert "rebuild: compose file changed (prod.yml)" in result.stdout
+
+
+def test_image_input_changed_since_a_rollback_by_hand_rebuilds(deployed):
+    deployed.push({"web/Dockerfile": "FROM scratch\nCOPY . /\n"}, "image")
+    assert deployed.deploy().returncode == 0
+    git("reset", "-q", "--keep", "HEAD~1", cwd=deployed.app)
+    deployed.push({"app.txt": "v2\n"}, "code")
+    deployed.forget_calls()
+    result = deployed.deploy()
+    assert result.returncode == 0, result.stderr
+    assert deployed.actions() == ["build", "up", "prune"]
+    assert "rebuild: Dockerfile changed (web/Dockerfile)" in result.stdout
+
+
+@pytest.mark.parametrize("where", ["environment", ".env"])
+def test_compose_file_variable_stands_in_for_a_compose_file(tmp_path, where):
+    host = Host(tmp_path, files={"prod.yml": "services: {}\n", "app.txt": "v1\n"})
+    env = {}
+    if where == "environment":
+        env["COMPOSE_FILE"] = "prod.yml"
+    else:
+        (host.app / ".env").write_text("# compose reads this\nCOMPOSE_FILE=prod.yml\n")
+    result = host.deploy(**env)
+    assert result.returncode == 0, result.stderr
+    assert host.actions() == ["build", "up", "prune"]
+
+
+def test_last_deployed_commit_gone_from_the_repository_deploys_as_if_first(deployed):
+    second = deployed.push({"app.txt": "v2\n"}, "code")
+    assert deployed.deploy().returncode == 0
+    force_push_accepted_on_the_host(deployed)
+    git("reflog", "expire", "--expire=now", "--all", cwd=deployed.app)
+    git("gc", "-q", "--prune=now", cwd=deployed.app)
+    gone = subprocess.run(["git", "cat-file", "-e", second], cwd=deployed.app, capture_output=True)
+    assert gone.returncode != 0
+    tip = deployed.push({"app.txt": "v3\n"}, "code")
+    deployed.forget_calls()
+    result = deployed.deploy()
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert (
+        f"warning: the last deployed commit {second} is gone from the repository (history"
+        " rewritten?): deploying as if for the first time" in result.stdout
+    )
+    assert "rebuild: first deploy" in result.stdout
+    assert deployed.actions() == ["build", "up", "prune"]
+    assert deployed.record()["commit"] == tip
+
+
+def test_submodule_is_checked_out_at_the_deployed_commit(deployed):
+    library = Library(deployed)
+    library.use("lib v1\n")
+    assert deployed.deploy(**SUBMODULE_ENV).returncode == 0
+    assert library.checked_out() == "lib v1\n"
+    library.use("lib v2\n")
+    result = deployed.deploy(**SUBMODULE_ENV)
+    assert result.returncode == 0, result.stderr
+    assert library.checked_out() == "lib v2\n"
+
+
+def test_stale_submodule_checkout_is_not_taken_for_a_host_edit(deployed):
+    library = Library(deployed)
+    old = library.use("lib v1\n")
+    assert deployed.deploy(**SUBMODULE_ENV).returncode == 0
+    library.use("lib v2\n")
+    assert deployed.deploy(**SUBMODULE_ENV).returncode == 0
+    git("checkout", "-q", old, cwd=deployed.app / "lib")
+    library.use("lib v3\n")
+    result = deployed.deploy(**SUBMODULE_ENV)
+    assert result.returncode == 0, result.stderr
+    assert library.checked_out() == "lib v3\n"
+
+
+def test_rollback_puts_the_submodule_back(deployed):
+    library = Library(deployed)
+    library.use("lib v1\n")
+    assert deployed.deploy(**SUBMODULE_ENV).returncode == 0
+    library.use("lib v2\n", files={"FAIL_UP": ""})
+    result = deployed.deploy(**SUBMODULE_ENV)
+    assert result.returncode == 1, result.stderr
+    assert "up failed, rolled back" in error_line(result)
+    assert library.checked_out() == "lib v1\n"
+
+
 def test_nothing_new_runs_no_docker_command(deployed):
     result = deployed.deploy()
     assert result.returncode == 0, result.stderr
@@ -453,6 +605,137 @@ def test_prune_failure_is_only_a_warning(deployed):
     assert result.returncode == 0, result.stderr
     assert "warning: image prune failed" in result.stdout
     assert deployed.record()["commit"] == tip
+
+
+def test_failed_up_after_an_accepted_force_push_says_how_to_deploy_the_next_push(deployed):
+    second = deployed.push({"app.txt": "v2\n"}, "code")
+    assert deployed.deploy().returncode == 0
+    force_push_accepted_on_the_host(deployed)
+    deployed.push({"app.txt": "v3\n", "FAIL_UP": ""}, "broken start")
+    result = deployed.deploy()
+    assert result.returncode == 1, result.stdout
+    assert (
+        f"up failed, rolled back to {second[:12]} (not in the history of origin/main, which was"
+        " force-pushed: the next deploy will refuse as force-pushed; to deploy the next push,"
+        f" run `git -C {deployed.app} reset --keep origin/main` first): " in error_line(result)
+    )
+    assert deployed.head() == second
+
+
+def test_stale_index_lock_names_the_file_to_remove(deployed):
+    lock = deployed.app / ".git" / "index.lock"
+    lock.touch()
+    deployed.push({"app.txt": "v2\n"}, "code")
+    result = deployed.deploy()
+    assert result.returncode == 1
+    assert error_line(result) == (
+        f"error: git cannot lock the index: {lock} exists (left by a git that was killed?);"
+        f" if no git process is running, remove {lock}, then deploy again"
+    )
+    assert deployed.head() == deployed.first
+
+
+def test_git_killed_with_the_deploy_removes_its_index_lock(deployed):
+    started, release = deployed.root / "filter-started", deployed.root / "filter-release"
+    # A smudge filter that blocks holds git inside the checkout, index.lock taken.
+    blocking = f"touch {started}; while [ ! -e {release} ]; do sleep 0.05; done; cat"
+    git("config", "filter.blocking.smudge", blocking, cwd=deployed.app)
+    (deployed.app / ".git" / "info" / "attributes").write_text("app.txt filter=blocking\n")
+    deployed.push({"app.txt": "v2\n"}, "code")
+    lock = deployed.app / ".git" / "index.lock"
+    run = deployed.start()
+    try:
+        wait_for(started.exists, "git to check out app.txt")
+        assert lock.exists()
+        run.send_signal(signal.SIGKILL)
+        run.wait(timeout=WAIT)
+        wait_for(lambda: not lock.exists(), "the killed deploy's git to remove index.lock", 5)
+    finally:
+        release.touch()
+
+
+def test_run_past_its_timeout_sends_sigterm_then_sigkill(tmp_path, monkeypatch):
+    monkeypatch.setattr(deploy, "TERM_GRACE", 0.5)
+    marker = tmp_path / "got-sigterm"
+    child = (
+        "import pathlib, signal, time\n"
+        f"signal.signal(signal.SIGTERM, lambda *_: pathlib.Path({str(marker)!r}).touch())\n"
+        "time.sleep(30)\n"
+    )
+    with pytest.raises(deploy.DeployError, match="timed out after 1 s"):
+        deploy.run([sys.executable, "-c", child], cwd=tmp_path, timeout=1)
+    assert marker.exists()
+
+
+SLOW_SSH = """#!/bin/sh
+echo $$ > "$FAKE_SSH_PID"
+exec sleep 30
+"""
+
+# Serves the local origin as ssh would, and leaves behind a process that
+# holds its stderr open, as ssh's ControlMaster/ControlPersist does.
+MASTER_SSH = """#!/bin/sh
+sleep 30 </dev/null >/dev/null &
+echo $! > "$FAKE_SSH_PID"
+for command; do :; done
+exec sh -c "$command"
+"""
+
+
+def use_fake_ssh(host, script):
+    ssh = host.bin / "ssh"
+    ssh.write_text(script)
+    ssh.chmod(0o755)
+    git("remote", "set-url", "origin", f"ssh://git@example.invalid{host.origin}", cwd=host.app)
+    return host.root / "ssh.pid"
+
+
+def test_fetch_past_its_timeout_says_it_timed_out(deployed, monkeypatch):
+    pid = use_fake_ssh(deployed, SLOW_SSH)
+    monkeypatch.setattr(deploy, "FETCH_TIMEOUT", 1.0)
+    checkout = deploy.Checkout(str(deployed.app), deployed.env(FAKE_SSH_PID=str(pid)))
+    checkout.open()
+    checkout.use_remote("origin")
+    try:
+        with pytest.raises(deploy.DeployError) as raised:
+            checkout.fetch("origin", "main")
+    finally:
+        kill_pid_in(pid)
+    assert str(raised.value) == "git fetch origin failed: timed out after 1 s"
+
+
+def test_fetch_does_not_wait_for_a_process_ssh_left_on_its_output(deployed):
+    pid = use_fake_ssh(deployed, MASTER_SSH)
+    tip = deployed.push({"app.txt": "v2\n"}, "code")
+    try:
+        result = run_script(
+            "deploy.py",
+            "--app-dir",
+            str(deployed.app),
+            env=deployed.env(FAKE_SSH_PID=str(pid)),
+            timeout=HANG_BOUND,
+        )
+    finally:
+        kill_pid_in(pid)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert deployed.head() == tip
+
+
+def test_up_does_not_wait_for_a_process_it_left_on_its_output(deployed):
+    pid = deployed.root / "sleep.pid"
+    try:
+        result = run_script(
+            "deploy.py",
+            "--app-dir",
+            str(deployed.app),
+            "--force",
+            env=deployed.env(FAKE_DOCKER_LINGER=str(pid)),
+            timeout=HANG_BOUND,
+        )
+    finally:
+        kill_pid_in(pid)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert deployed.actions() == ["up", "prune"]
 
 
 def test_unreachable_remote_fails_and_changes_nothing(deployed):
@@ -750,6 +1033,67 @@ def test_status_shows_the_last_deploy_and_the_recent_runs(deployed):
     assert "failed" in runs[1] and "up failed" in runs[1]
 
 
+def test_status_prints_unexpected_values_in_the_record_and_history_as_they_are(deployed):
+    state = deployed.app / ".git" / "webhook-deploy"
+    record = {"commit": deployed.first, "steps": [{"step": "fetch"}, "odd"], "seconds": "long"}
+    (state / "last-deployed.json").write_text(json.dumps(dict(record, trigger="odd")))
+    (state / "history.jsonl").write_text(
+        '[1, 2]\n{"time": 5, "result": null, "commit": 12345, "seconds": "slow",'
+        ' "trigger": "x", "reason": ["a"]}\n'
+    )
+    result = deployed.deploy("--status")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [
+        f"last deployed: {deployed.first} from None/None at None, without a build",
+        "  took ?: fetch ?",
+        f"checkout: main at {deployed.first}",
+        "last 1 run(s), oldest first:",
+        "  5  None  12345  ?  ['a']",
+    ]
+
+
+def test_status_prints_the_history_when_the_record_is_unreadable(deployed):
+    path = deployed.app / ".git" / "webhook-deploy" / "last-deployed.json"
+    path.write_text('{"commit": ')
+    result = deployed.deploy("--status")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[:3] == [
+        f"last deployed: unreadable: cannot read {path} (Expecting value: line 1 column 12"
+        " (char 11)); move it away to deploy as if for the first time",
+        f"checkout: main at {deployed.first}",
+        "last 1 run(s), oldest first:",
+    ]
+    assert lines[3].split()[1:3] == ["deployed", deployed.first[:12]]
+
+
+def test_history_entry_after_a_torn_last_line_starts_on_a_new_line(deployed):
+    path = deployed.app / ".git" / "webhook-deploy" / "history.jsonl"
+    with open(path, "a") as history:
+        history.write('{"time": "2026-12-0')
+    assert deployed.deploy("--force").returncode == 0
+    lines = path.read_text().splitlines()
+    assert lines[-2] == '{"time": "2026-12-0'
+    assert json.loads(lines[-1])["result"] == "deployed"
+
+
+def test_status_into_a_closed_pipe_ends_quietly(deployed):
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        result = subprocess.run(
+            [sys.executable, str(ROOT / "deploy.py"), "--app-dir", str(deployed.app), "--status"],
+            env=deployed.env(),
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=WAIT,
+        )
+    finally:
+        os.close(write_end)
+    assert (result.returncode, result.stderr) == (128 + signal.SIGPIPE, "")
+
+
 # --- bad configuration: one line, exit 2, nothing changed -------------------
 
 
@@ -832,6 +1176,7 @@ def test_missing_compose_is_reported_before_the_tree_changes(deployed):
         (["--branch", "main:evil"], {}, "--branch: 'main:evil' is not a valid branch name"),
         (["--compose", "'docker"], {}, "--compose: cannot split"),
         (["--status", "--force"], {}, "--status only prints"),
+        (["--lock-file", " "], {}, "--lock-file: ' ' is blank"),
         (["--bogus"], {}, "unrecognized arguments: --bogus"),
     ],
     ids=[
@@ -844,6 +1189,7 @@ def test_missing_compose_is_reported_before_the_tree_changes(deployed):
         "branch",
         "compose",
         "status-force",
+        "blank-lock-file",
         "unknown-option",
     ],
 )
@@ -851,6 +1197,29 @@ def test_bad_option_value_is_a_usage_error(deployed, args, env, expected):
     deployed.push({"app.txt": "v2\n"}, "code")
     result = deployed.deploy(*args, **env)
     assert_refused_as_configuration(deployed, result, expected)
+
+
+def test_blank_environment_values_count_as_unset(deployed):
+    default_lock = deployed.app / ".git" / "webhook-deploy.lock"
+    before = default_lock.read_text()
+    blank = {"DEPLOY_LOCK_FILE": " ", "DEPLOY_COMPOSE_FILE": "\t", "DEPLOY_BRANCH": "  "}
+    result = run_script(
+        "deploy.py",
+        "--app-dir",
+        str(deployed.app),
+        "--force",
+        env=deployed.env(**blank),
+        cwd=deployed.root,
+    )
+    assert result.returncode == 0, result.stderr
+    assert default_lock.read_text() != before
+    assert [path.name for path in deployed.root.iterdir() if not path.name.strip()] == []
+    assert all(call["argv"][2:3] != ["-f"] for call in deployed.calls())
+
+
+def test_compose_help_says_a_wrapper_must_exec():
+    result = run_script("deploy.py", "--help")
+    assert "a wrapper script must `exec` its command" in " ".join(result.stdout.split())
 
 
 # --- git never prompts, and says what to do ----------------------------------
