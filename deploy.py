@@ -96,9 +96,12 @@ STATE_DIR = "webhook-deploy"  # inside the git dir
 LOCK_NAME = "webhook-deploy.lock"  # inside the git dir
 RECORD_NAME = "last-deployed.json"
 HISTORY_NAME = "history.jsonl"
-# Present while the images may not match the last deployed commit (a build
-# failed or was killed half-way): the next deploy then rebuilds.
-BUILD_MARK_NAME = "build-unfinished"
+# Marks of a step cut short. "build": the images may not match the last
+# deployed commit (a build failed or was killed half-way), so the next deploy
+# rebuilds. "up": the containers may be half recreated, so the next run
+# deploys again even when the tip is the commit recorded.
+BUILD_MARK = "build-unfinished"
+UP_MARK = "up-unfinished"
 
 RESULTS = {
     EXIT_OK: "deployed",
@@ -113,6 +116,8 @@ PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 
 NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._/-]*")
 COMMIT_RE = re.compile(r"[0-9a-f]{40}([0-9a-f]{24})?")
+# COPY or ADD of the build context itself, options allowed: `COPY --chown=app . /app`.
+COPY_CONTEXT_RE = re.compile(r"^\s*(?:COPY|ADD)(?:\s+--\S+)*\s+\./?\s", re.IGNORECASE | re.MULTILINE)
 WAIT_OPTION_RE = re.compile(r"--wait(?![\w-])")
 # A line of a .env that gives COMPOSE_FILE a value (not "" nor '').
 COMPOSE_FILE_LINE_RE = re.compile(r"""\s*(export\s+)?COMPOSE_FILE\s*=\s*(?!""|'')[^\s#]""")
@@ -437,7 +442,7 @@ class Checkout:
         if f"remote.{remote}.url" not in config:
             raise DeployError(
                 f"remote '{remote}' is not configured in {self.dir}"
-                f" (see `git -C {self.dir} remote -v`)",
+                f" (see `git -C {shlex.quote(self.dir)} remote -v`)",
                 EXIT_USAGE,
             )
         # git lists section and key names in lower case.
@@ -513,6 +518,18 @@ class Checkout:
         ).stdout
         return {entry[3:] for entry in entries.split("\0") if entry}
 
+    def dockerfiles_copying_context(self, commit):
+        """The Dockerfiles at `commit` that COPY or ADD their whole build context (`COPY . .`)."""
+        names = self.git("ls-tree", "-r", "-z", "--name-only", commit).stdout.split("\0")
+        found = []
+        for path in names:
+            if image_input_kind(path) != "Dockerfile":
+                continue
+            text = self.git("show", f"{commit}:{path}", check=False).stdout
+            if COPY_CONTEXT_RE.search(text):
+                found.append(path)
+        return found
+
     def commits(self, old, new):
         """Up to COMMITS_SHOWN + 1 lines "<short id> <subject>", newest first."""
         out = self.git(
@@ -528,7 +545,6 @@ class State:
         self.dir = os.path.join(git_dir, STATE_DIR)
         self.record_path = os.path.join(self.dir, RECORD_NAME)
         self.history_path = os.path.join(self.dir, HISTORY_NAME)
-        self.mark_path = os.path.join(self.dir, BUILD_MARK_NAME)
 
     def last_deployed(self):
         """The last successful deploy's record, or None before the first."""
@@ -566,18 +582,18 @@ class State:
                 entries.append(json.loads(line))
         return [entry for entry in entries if isinstance(entry, dict)]
 
-    def build_unfinished(self):
-        return os.path.exists(self.mark_path)
+    def marked(self, mark):
+        return os.path.exists(os.path.join(self.dir, mark))
 
     def write_record(self, record):
         self._write(self.record_path, json.dumps(record, indent=2) + "\n")
 
-    def mark_build(self, commit):
-        self._write(self.mark_path, commit + "\n")
+    def mark(self, mark, commit):
+        self._write(os.path.join(self.dir, mark), commit + "\n")
 
-    def clear_build_mark(self):
+    def clear(self, mark):
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.mark_path)
+            os.unlink(os.path.join(self.dir, mark))
 
     def append_history(self, entry):
         line = (json.dumps(entry, separators=(",", ":")) + "\n").encode("utf-8", "surrogateescape")
@@ -890,6 +906,32 @@ def detect_compose(opts):
     )
 
 
+def compose_project(compose, opts):
+    """The compose project's name, from Compose v2's `config`; None where it cannot tell (v1)."""
+    base = [*compose, "-f", opts.compose_file] if opts.compose_file else compose
+    result = run(
+        [*base, "config", "--format", "json"], cwd=opts.app_dir, timeout=PROBE_TIMEOUT, check=False
+    )
+    try:
+        name = json.loads(result.stdout).get("name") if result.returncode == 0 else None
+    except (ValueError, AttributeError):
+        return None
+    return name if isinstance(name, str) and name else None
+
+
+def prune_command(project):
+    """`docker image prune`, kept to this app's images where its project is known.
+
+    Compose v2 labels the images it builds with their project: other apps'
+    dangling images on the same engine are left alone. v1 labels nothing, so
+    there it prunes every dangling image, as the original procedure did.
+    """
+    argv = ["docker", "image", "prune", "-f"]
+    if project:
+        argv += ["--filter", f"label=com.docker.compose.project={project}"]
+    return argv
+
+
 def supports_wait(compose, cwd):
     """Whether `compose up` has --wait (Compose v2.1.1 and later; v1 never)."""
     result = run([*compose, "up", "--help"], cwd=cwd, timeout=PROBE_TIMEOUT, check=False)
@@ -960,8 +1002,14 @@ class Deployment:
         record = self.state.last_deployed()
         last = record["commit"] if record else None
         if last == self.tip and not opts.force:
-            log.info("up to date at %s", self.tip)
-            return EXIT_OK
+            if not self.state.marked(UP_MARK):
+                log.info("up to date at %s", self.tip)
+                return EXIT_OK
+            log.warning(
+                "warning: the last deploy was cut short while recreating the containers:"
+                " deploying %s again",
+                _short(self.tip),
+            )
         if last and not checkout.has_commit(last):
             # git diff against it would fail this deploy and every later one.
             log.warning(
@@ -972,12 +1020,13 @@ class Deployment:
             record = last = None
         with self.step("check"):
             plan = self.check(last)
-        compose = wait = None
+        compose = wait = project = None
         if not opts.dry_run:
             with self.step("compose"):
                 compose = detect_compose(opts)
                 wait = supports_wait(compose, opts.app_dir)
-        commands = self.commands(compose, wait)
+                project = compose_project(compose, opts)
+        commands = self.commands(compose, wait, project)
         self.show_plan(plan, record, commands)
         if opts.dry_run:
             log.info("dry run: nothing changed")
@@ -988,6 +1037,8 @@ class Deployment:
         """Refuse (EXIT_REFUSED) what a fast-forward to the tip could destroy; return the plan."""
         opts, checkout, tip = self.opts, self.checkout, self.tip
         where = checkout.dir
+        # Pasted into a shell as it is: a folder with spaces must stay one word.
+        quoted = shlex.quote(where)
         tracking = f"{opts.remote}/{opts.branch}"
         head_ref = checkout.git("symbolic-ref", "--quiet", "HEAD", check=False).stdout.strip()
         if head_ref != f"refs/heads/{opts.branch}":
@@ -998,7 +1049,7 @@ class Deployment:
             )
             raise DeployError(
                 f"refused: {found} in {where}, but deploys follow '{opts.branch}';"
-                f" run `git -C {where} switch {opts.branch}`, then deploy again; nothing changed",
+                f" run `git -C {quoted} switch {opts.branch}`, then deploy again; nothing changed",
                 EXIT_REFUSED,
             )
         head = checkout.rev("HEAD")
@@ -1011,15 +1062,15 @@ class Deployment:
                 raise DeployError(
                     f"refused: {len(local)} local commit(s) on {opts.branch} in {where}"
                     f" are not on {tracking} (newest {_short(local[0])}); push them, or keep"
-                    f" them on another branch and move {opts.branch} back (`git branch"
-                    f" keep-local && git reset --keep {tracking}`), then deploy again;"
+                    f" them on another branch and move {opts.branch} back (`git -C {quoted} branch"
+                    f" keep-local && git -C {quoted} reset --keep {tracking}`), then deploy again;"
                     " nothing changed",
                     EXIT_REFUSED,
                 )
             raise DeployError(
                 f"refused: {tracking} was force-pushed: the checked-out commit {_short(head)}"
                 f" is not in its history any more; to deploy {_short(tip)} anyway, run"
-                f" `git -C {where} reset --keep {tracking}` on the host, then deploy again;"
+                f" `git -C {quoted} reset --keep {tracking}` on the host, then deploy again;"
                 " nothing changed",
                 EXIT_REFUSED,
             )
@@ -1036,7 +1087,7 @@ class Deployment:
             raise DeployError(
                 "refused: the update would overwrite tracked files edited on the host:"
                 f" {_names(overwritten)}; commit and push them, `git stash` them, or discard"
-                f" them (`git -C {where} checkout -- {shlex.join(overwritten[:NAMES_SHOWN])}`),"
+                f" them (`git -C {quoted} checkout -- {shlex.join(overwritten[:NAMES_SHOWN])}`),"
                 " then deploy again; nothing changed",
                 EXIT_REFUSED,
             )
@@ -1070,8 +1121,16 @@ class Deployment:
         inputs = [(path, image_input_kind(path, compose_file)) for path in sorted(changed)]
         inputs = [(path, kind) for path, kind in inputs if kind]
         rebuild, reason = rebuild_decision(
-            opts.build, last is None, self.state.build_unfinished(), inputs
+            opts.build, last is None, self.state.marked(BUILD_MARK), inputs
         )
+        if not rebuild and opts.build == "auto" and changed:
+            copying = checkout.dockerfiles_copying_context(tip)
+            if copying:
+                log.warning(
+                    "warning: no rebuild, but %s copies the whole build context: the code"
+                    " changes reach the containers only with a rebuild (set DEPLOY_BUILD=always)",
+                    _names(copying),
+                )
         return argparse.Namespace(
             head=head,
             changed=sorted(changed),
@@ -1087,7 +1146,7 @@ class Deployment:
             and not checkout.is_ancestor(self.previous, tip),
         )
 
-    def commands(self, compose, wait):
+    def commands(self, compose, wait, project):
         """The docker steps' argv lists; with a placeholder compose when not detected (dry run)."""
         base = compose or self.opts.compose or ["docker", "compose"]
         if self.opts.compose_file:
@@ -1100,7 +1159,7 @@ class Deployment:
             rollback_build=[*base, "build"],
             up=up,
             up_timeout=self.opts.wait_timeout + UP_TIMEOUT_MARGIN,
-            prune=["docker", "image", "prune", "-f"],
+            prune=prune_command(project),
             detected=compose is not None,
         )
 
@@ -1115,7 +1174,7 @@ class Deployment:
                 _short(plan.head),
             )
         elif record["commit"] == tip:
-            log.info("plan: --force: redeploy %s at %s, already deployed", tracking, _short(tip))
+            log.info("plan: redeploy %s at %s, the commit already deployed", tracking, _short(tip))
         else:
             log.info(
                 "plan: deploy %s at %s; last deployed %s at %s",
@@ -1174,12 +1233,13 @@ class Deployment:
             except DeployError as err:
                 raise self.nothing_deployed("submodule update", plan, err) from None
         if plan.rebuild:
-            self.state.mark_build(self.tip)
+            self.state.mark(BUILD_MARK, self.tip)
             try:
                 self.run_step("build", commands.build, BUILD_TIMEOUT)
             except DeployError as err:
                 raise self.nothing_deployed("build", plan, err) from None
             self.built = True
+        self.state.mark(UP_MARK, self.tip)
         try:
             self.run_step("up", commands.up, commands.up_timeout)
         except DeployError as err:
@@ -1189,7 +1249,8 @@ class Deployment:
             ) from None
         with self.step("record"):
             self.state.write_record(self.entry(EXIT_OK))
-            self.state.clear_build_mark()
+            self.state.clear(BUILD_MARK)
+            self.state.clear(UP_MARK)
             self.state.append_history(self.entry(EXIT_OK))
         try:
             self.run_step("prune", commands.prune, PRUNE_TIMEOUT)
@@ -1214,7 +1275,7 @@ class Deployment:
         return (
             f" (not in the history of {tracking}, which was force-pushed: the next deploy will"
             f" refuse as force-pushed; to deploy the next push, run"
-            f" `git -C {self.checkout.dir} reset --keep {tracking}` first)"
+            f" `git -C {shlex.quote(self.checkout.dir)} reset --keep {tracking}` first)"
         )
 
     def restore_tree(self, why, cause):
@@ -1237,8 +1298,9 @@ class Deployment:
             self.run_step("rollback up", commands.up, commands.up_timeout)
         except DeployError as err:
             raise self.rollback_failed(f"up failed ({cause})", err) from None
+        self.state.clear(UP_MARK)
         if self.built:
-            self.state.clear_build_mark()
+            self.state.clear(BUILD_MARK)
 
     def rollback_failed(self, why, err):
         return DeployError(
@@ -1288,7 +1350,9 @@ def show_status(checkout, state):
     head = checkout.git("rev-parse", "HEAD", "--abbrev-ref", "HEAD", check=False).stdout.split()
     if len(head) == 2:
         print(f"checkout: {head[1]} at {head[0]}")
-    if state.build_unfinished():
+    if state.marked(UP_MARK):
+        print("note: a deploy was cut short while recreating the containers; the next deploy redoes it")
+    if state.marked(BUILD_MARK):
         print("note: a build did not finish; the next deploy rebuilds")
     entries = state.history(HISTORY_SHOWN)
     if not entries:

@@ -134,6 +134,8 @@ class Chain:
         self.web_port = free_port()
         self.processes = []
         self.pushed = []  # (before, after) of every push
+        self.foreign_tag = f"webhook-deploy-e2e-foreign-{self.web_port}"
+        self.foreign_images = []
 
     # -- set-up ------------------------------------------------------------
 
@@ -221,6 +223,9 @@ class Chain:
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
+        if self.foreign_images:
+            subprocess.run(["docker", "image", "rm", "-f", *self.foreign_images],
+                           capture_output=True, timeout=60)
         if (self.app / "compose.yaml").exists():
             subprocess.run(
                 ["docker", "compose", "down", "--rmi", "local", "-v", "--remove-orphans", "-t", "1"],
@@ -320,6 +325,32 @@ class Chain:
             capture_output=True, text=True, timeout=60,
         )
         return result.stdout.strip()
+
+    def dangling_foreign_image(self):
+        """Leave a dangling image of another project on the engine; returns its id."""
+        context = self.workdir / "foreign"
+        context.mkdir(exist_ok=True)
+        ids = []
+        for version in ("1", "2"):
+            (context / "version.txt").write_text(version)
+            (context / "Dockerfile").write_text("FROM scratch\nCOPY version.txt /\n")
+            subprocess.run(
+                ["docker", "build", "-q", "-t", f"{self.foreign_tag}", str(context)],
+                check=True, capture_output=True, timeout=120,
+            )
+            ids.append(self.image_id_of(self.foreign_tag))
+        self.foreign_images = ids
+        return ids[0]
+
+    def image_id_of(self, name):
+        result = subprocess.run(
+            ["docker", "image", "inspect", "-f", "{{.Id}}", name],
+            capture_output=True, text=True, timeout=60,
+        )
+        return result.stdout.strip()
+
+    def image_exists(self, image):
+        return bool(self.image_id_of(image))
 
     def app_head(self):
         return git("rev-parse", "HEAD", cwd=self.app)

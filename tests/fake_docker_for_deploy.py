@@ -5,8 +5,9 @@ lines to $FAKE_DOCKER_LOG: {"event": "start", "pid", "argv", "cwd", "time",
 "app"} (argv[0] is the program's name, "app" the content of app.txt in the
 working folder, if any) and {"event": "end", "pid", "time", "rc"}.
 
-It answers `docker compose version`, `docker-compose version` and
-`... up --help` (listing --wait for the v2 plugin only); `build`, `up` and
+It answers `docker compose version`, `docker-compose version`,
+`... up --help` (listing --wait for the v2 plugin only) and `docker compose
+config --format json` (the project's name; v1 has no --format); `build`, `up` and
 `docker image prune` print a line and succeed, unless told otherwise:
 
   FAKE_DOCKER_FAIL   comma-separated: build, up, prune (those fail), plugin
@@ -16,6 +17,7 @@ It answers `docker compose version`, `docker-compose version` and
                      (a commit that breaks the build or the start)
   FAKE_DOCKER_BUILD_SECONDS  build sleeps this long after its first line
   FAKE_DOCKER_BUILD_UNTIL    build waits until this file exists
+  FAKE_DOCKER_UP_UNTIL       up waits until this file exists
   FAKE_DOCKER_LINGER  up leaves a `sleep 30` behind that holds its stdout and
                      stderr open (as ssh's ControlMaster does), and writes
                      that process's pid into this file
@@ -76,6 +78,13 @@ def compose(program, args, fail):
     if command == "up" and "--help" in words:
         say(V2_UP_HELP if program == "docker" else V1_UP_HELP)
         return 0
+    if command == "config" and "--format" in words:
+        if program != "docker":
+            say("No such option: --format", sys.stderr)
+            return 1
+        # As Compose v2 names a project: after its folder.
+        say(json.dumps({"name": here.name.lower(), "services": {}}))
+        return 0
     if command == "build":
         say("#1 building web")
         seconds = float(os.environ.get("FAKE_DOCKER_BUILD_SECONDS", "0"))
@@ -90,6 +99,9 @@ def compose(program, args, fail):
         say("#2 naming to docker.io/library/app-web done")
         return 0
     if command == "up":
+        until = os.environ.get("FAKE_DOCKER_UP_UNTIL")
+        while until and not os.path.exists(until):
+            time.sleep(0.05)
         if "up" in fail or (here / "FAIL_UP").exists():
             say("container app-web-1 is unhealthy", sys.stderr)
             return 1

@@ -137,7 +137,7 @@ class Host:
                 words = words[1:]
             while words[:1] == ["-f"]:
                 words = words[2:]
-            if words[:1] == ["version"] or "--help" in words:
+            if words[:1] in (["version"], ["config"]) or "--help" in words:
                 continue
             found.append(("prune" if words[:2] == ["image", "prune"] else words[0], call))
         return found
@@ -295,6 +295,26 @@ def test_code_only_push_recreates_without_rebuilding(deployed):
     assert "no rebuild: no image inputs changed (--build auto)" in result.stdout
     assert deployed.head() == tip
     assert deployed.record()["commit"] == tip
+
+
+def test_code_only_push_warns_when_the_image_copies_the_code(deployed):
+    deployed.push({"web/Dockerfile": "FROM scratch\nCOPY --chown=app . /app\n"}, "image")
+    assert deployed.deploy().returncode == 0
+    deployed.forget_calls()
+    deployed.push({"app.txt": "v3\n"}, "code")
+    result = deployed.deploy()
+    assert result.returncode == 0, result.stderr
+    assert deployed.actions() == ["up", "prune"]
+    assert (
+        "warning: no rebuild, but web/Dockerfile copies the whole build context: the code"
+        " changes reach the containers only with a rebuild (set DEPLOY_BUILD=always)"
+    ) in result.stdout
+
+
+def test_code_only_push_gives_no_copy_warning_for_a_bind_mounted_app(deployed):
+    deployed.push({"app.txt": "v2\n"}, "code")
+    result = deployed.deploy()
+    assert "warning: no rebuild" not in result.stdout
 
 
 def test_up_recreates_and_waits_with_the_wait_timeout(deployed):
@@ -519,6 +539,8 @@ def test_compose_v1_is_used_when_the_plugin_is_missing(deployed):
     assert "compose: using `docker-compose`" in result.stdout
     up = deployed.calls_of("up")[0]["argv"]
     assert up == ["docker-compose", "up", "-d", "--force-recreate", "--remove-orphans"]
+    # v1 labels no image with its project: the procedure's plain prune.
+    assert deployed.calls_of("prune")[0]["argv"] == ["docker", "image", "prune", "-f"]
 
 
 def test_compose_option_overrides_its_environment_variable(deployed):
@@ -597,6 +619,16 @@ def test_failing_rollback_says_the_site_may_be_down(deployed):
     assert result.returncode == 5
     assert "ROLLBACK FAILED, THE SITE MAY BE DOWN" in error_line(result)
     assert deployed.history()[-1]["result"] == "rollback failed"
+
+
+def test_prune_is_kept_to_the_apps_compose_project(deployed):
+    deployed.push({"app.txt": "v2\n"}, "code")
+    assert deployed.deploy().returncode == 0
+    (prune,) = deployed.calls_of("prune")
+    project = deployed.app.name.lower()
+    assert prune["argv"] == [
+        "docker", "image", "prune", "-f", "--filter", f"label=com.docker.compose.project={project}"
+    ]
 
 
 def test_prune_failure_is_only_a_warning(deployed):
@@ -823,6 +855,17 @@ def test_force_pushed_remote_is_refused(deployed):
     assert deployed.calls() == []
 
 
+def test_refusal_hint_quotes_an_app_dir_with_spaces(deployed, tmp_path):
+    spaced = deployed.copy_to(tmp_path / "my sites")
+    spaced.push({"app.txt": "v2\n"}, "code")
+    assert spaced.deploy().returncode == 0
+    git("reset", "-q", "--hard", spaced.first, cwd=spaced.dev)
+    spaced.push({"app.txt": "rewritten\n"}, "rewritten history", force=True)
+    result = spaced.deploy()
+    assert result.returncode == 3
+    assert f"`git -C '{spaced.app}' reset --keep origin/main`" in error_line(result)
+
+
 def test_remote_forced_back_to_an_older_commit_is_refused(deployed):
     second = deployed.push({"app.txt": "v2\n"}, "code")
     assert deployed.deploy().returncode == 0
@@ -968,6 +1011,28 @@ def test_sigkill_during_a_slow_build_ends_the_docker_child_and_frees_the_lock(de
     assert "rebuild: an earlier build did not finish" in result.stdout
     assert deployed.actions() == ["build", "up", "prune"]
     assert deployed.record()["commit"] == tip
+
+
+def test_redeploy_killed_while_recreating_is_redone_by_the_next_run(deployed):
+    never = deployed.root / "never"
+    tip = deployed.push({"app.txt": "v2\n"}, "v2")
+    assert deployed.deploy().returncode == 0
+    run = deployed.start("--force", FAKE_DOCKER_UP_UNTIL=str(never))
+    try:
+        wait_for(lambda: deployed.calls_of("up")[1:], "the forced run's up")
+        run.send_signal(signal.SIGKILL)
+        run.wait(timeout=WAIT)
+    finally:
+        never.touch()
+    deployed.forget_calls()
+    result = deployed.deploy()
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "the last deploy was cut short while recreating the containers" in result.stdout
+    assert deployed.actions() == ["up", "prune"]
+    deployed.forget_calls()
+    again = deployed.deploy()
+    assert f"up to date at {tip}" in again.stdout
+    assert deployed.calls() == []
 
 
 # --- output ------------------------------------------------------------------

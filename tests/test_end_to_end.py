@@ -58,6 +58,7 @@ def test_code_push_is_served_without_a_rebuild(chain):
 def test_rebuild_push_is_served_with_a_short_failed_request_window(chain):
     finished = chain.deploys_finished()
     image = chain.image_id()
+    foreign = chain.dangling_foreign_image()
 
     with Poller(chain.url("code/index.html")) as poller:
         chain.push_and_deliver("image 2", {"Dockerfile": DOCKERFILE.format(image="image-2")})
@@ -70,6 +71,8 @@ def test_rebuild_push_is_served_with_a_short_failed_request_window(chain):
     assert poller.window < 5.0
     assert chain.served() == "code-2"
     assert chain.image_id() != image
+    # The prune after the deploy kept to this app's images.
+    assert chain.image_exists(foreign)
 
 
 def test_broken_dockerfile_keeps_the_old_version_serving(chain):
