@@ -61,6 +61,13 @@ def say(text, stream=sys.stdout):
     print(text, file=stream, flush=True)
 
 
+def wait_for_file(variable):
+    """Block until the file named by $variable exists (no wait when it is unset)."""
+    until = os.environ.get(variable)
+    while until and not os.path.exists(until):
+        time.sleep(0.05)
+
+
 def compose(program, args, fail):
     """Act as the compose command; return the exit status."""
     words = list(args)
@@ -90,18 +97,14 @@ def compose(program, args, fail):
         seconds = float(os.environ.get("FAKE_DOCKER_BUILD_SECONDS", "0"))
         if seconds:
             time.sleep(seconds)
-        until = os.environ.get("FAKE_DOCKER_BUILD_UNTIL")
-        while until and not os.path.exists(until):
-            time.sleep(0.05)
+        wait_for_file("FAKE_DOCKER_BUILD_UNTIL")
         if "build" in fail or (here / "FAIL_BUILD").exists():
             say("failed to solve: process did not complete successfully: exit code: 1", sys.stderr)
             return 17
         say("#2 naming to docker.io/library/app-web done")
         return 0
     if command == "up":
-        until = os.environ.get("FAKE_DOCKER_UP_UNTIL")
-        while until and not os.path.exists(until):
-            time.sleep(0.05)
+        wait_for_file("FAKE_DOCKER_UP_UNTIL")
         if "up" in fail or (here / "FAIL_UP").exists():
             say("container app-web-1 is unhealthy", sys.stderr)
             return 1
