@@ -750,6 +750,12 @@ def build_parser():
         action="store_true",
         help="print the last deploy and the recent runs, and change nothing",
     )
+    add(
+        "--check",
+        action="store_true",
+        help="check the settings and the app dir (no git, no docker, no network), then exit;"
+        " the watcher's --check runs this",
+    )
     return parser
 
 
@@ -853,6 +859,7 @@ def resolve_options(args, environ):
         dry_run=switch("dry_run", "DEPLOY_DRY_RUN", False),
         force=args.force,
         status=args.status,
+        check=args.check,
     )
 
 
@@ -1214,7 +1221,8 @@ class Deployment:
             log.info("plan: run: %s", shlex.join(argv))
         if not commands.detected:
             log.info(
-                "plan: (which compose command, and whether it has --wait: found when deploying)"
+                "plan: (provisional: the compose command, whether it has --wait, and the project"
+                " the prune keeps to are found when deploying)"
             )
         log.info(
             "plan: on failure: back to %s (git reset --keep)%s, up again",
@@ -1393,8 +1401,28 @@ def _history_line(entry):
     return line
 
 
+def check_settings(opts, environ):
+    """--check: what can be told without running git (which may refuse another
+    user's checkout), docker or the network; the settings were checked already."""
+    if not os.path.isdir(opts.app_dir):
+        raise DeployError(f"app dir {opts.app_dir} does not exist or is not a folder", EXIT_USAGE)
+    folder = opts.app_dir
+    while not os.path.exists(os.path.join(folder, ".git")):
+        if os.path.dirname(folder) == folder:
+            raise DeployError(
+                f"app dir {opts.app_dir} is not a git checkout (no .git in it or above it)",
+                EXIT_USAGE,
+            )
+        folder = os.path.dirname(folder)
+    check_compose_file(opts, environ)
+    print(f"settings ok: deploys {opts.remote}/{opts.branch} in {opts.app_dir} (--build {opts.build})")
+    return EXIT_OK
+
+
 def deploy(opts, environ):
-    """Run one deploy (or --status); return the exit status."""
+    """Run one deploy (or --status, --check); return the exit status."""
+    if opts.check:
+        return check_settings(opts, environ)
     checkout = Checkout(opts.app_dir, environ)
     checkout.open()
     state = State(checkout.git_dir)

@@ -697,9 +697,26 @@ def deploy_problems(settings):
     return problems
 
 
+def deploy_settings_problems(settings):
+    """deploy.py's own --check of the same environment: its error lines, if any."""
+    try:
+        result = subprocess.run(
+            [*settings.deploy_argv, "--check"],
+            stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60,
+        )
+    except (OSError, subprocess.TimeoutExpired) as error:
+        return [f"cannot check the deploy settings: {error}"]
+    if result.returncode == 0:
+        return []
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    return [line[len("error: "):] if line.startswith("error: ") else line for line in lines[-3:]]
+
+
 def check_only(folder, settings):
     """--check: the settings, the folder and its lock are fine, or one error line each."""
     problems = deploy_problems(settings)
+    if not problems and settings.deploy_command is None:
+        problems = deploy_settings_problems(settings)
     for problem in problems:
         log.error("%s", problem)
     if problems:

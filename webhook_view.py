@@ -193,6 +193,8 @@ def member(obj, key, kind, where="", required=False):
     value = obj.get(key)
     if value is None and not required:
         return None
+    if key not in obj:
+        raise WebhookError(400, f"{where}{key} is missing")
     if not isinstance(value, kind):
         raise WebhookError(400, f"{where}{key} must be {KIND_NAMES[kind]}")
     return value

@@ -1352,3 +1352,43 @@ def test_dubious_ownership_names_safe_directory(deployed):
     assert result.returncode == 2
     assert f"git config --global --add safe.directory {deployed.app}" in error_line(result)
     assert deployed.calls() == []
+
+
+# --- --check -------------------------------------------------------------------
+
+
+def test_check_passes_good_settings_without_git_or_docker(deployed):
+    result = deployed.deploy("--check")
+    assert result.returncode == 0, result.stderr
+    assert f"settings ok: deploys origin/main in {deployed.app} (--build auto)" in result.stdout
+    assert deployed.calls() == []
+
+
+@pytest.mark.parametrize(
+    "env, expected",
+    [
+        ({"DEPLOY_BUILD": "alwyas"}, "error: DEPLOY_BUILD: unknown build mode 'alwyas'"),
+        ({"DEPLOY_WAIT_TIMEOUT": "soon"}, "error: DEPLOY_WAIT_TIMEOUT: 'soon' is not a whole"),
+    ],
+    ids=["build-mode", "wait-timeout"],
+)
+def test_check_fails_bad_settings_in_one_line(deployed, env, expected):
+    result = deployed.deploy("--check", **env)
+    assert result.returncode == 2
+    assert error_line(result).startswith(expected)
+
+
+def test_check_fails_an_app_dir_that_is_no_checkout(deployed, tmp_path):
+    (tmp_path / "compose.yaml").write_text("services: {}\n")
+    result = run_script("deploy.py", "--check", "--app-dir", str(tmp_path), env=deployed.env())
+    assert result.returncode == 2
+    assert error_line(result) == (
+        f"error: app dir {tmp_path} is not a git checkout (no .git in it or above it)"
+    )
+
+
+def test_check_fails_an_app_dir_without_a_compose_file(deployed):
+    (deployed.app / "docker-compose.yml").unlink()
+    result = deployed.deploy("--check")
+    assert result.returncode == 2
+    assert error_line(result).startswith(f"error: no compose file in {deployed.app}")

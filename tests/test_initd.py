@@ -308,6 +308,16 @@ def test_start_fails_clearly_while_another_watcher_holds_the_folder(service):
     assert f"another watcher is already running on {service.shared}" in output
 
 
+def test_start_fails_clearly_on_a_bad_deploy_setting(service, tmp_path):
+    app = tmp_path / "app"
+    (app / ".git").mkdir(parents=True)
+    (app / "compose.yaml").write_text("services: {}\n")
+    output = start_fails(
+        service, DEPLOY_COMMAND=None, DEPLOY_APP_DIR=str(app), DEPLOY_BUILD="alwyas"
+    )
+    assert "DEPLOY_BUILD: unknown build mode 'alwyas'" in output
+
+
 def test_watcher_script_in_a_folder_with_spaces_runs(service, tmp_path):
     spaced = tmp_path / "web hook" / "watch_deploy.py"
     spaced.parent.mkdir()

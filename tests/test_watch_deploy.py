@@ -784,3 +784,17 @@ def test_check_fails_for_a_missing_app_dir(box, tmp_path):
     )
     assert result.returncode == 2
     assert f"error: DEPLOY_APP_DIR {tmp_path / 'nowhere'} is not a folder" in result.stderr
+
+
+def test_check_runs_the_deploys_own_check_for_the_default_deploy(box, tmp_path):
+    app = tmp_path / "app"
+    (app / ".git").mkdir(parents=True)
+    (app / "compose.yaml").write_text("services: {}\n")
+    env = dict(box.env, DEPLOY_APP_DIR=str(app), DEPLOY_BUILD="alwyas")
+    del env["DEPLOY_COMMAND"]
+    result = subprocess.run(
+        [sys.executable, str(WATCHER), "--check", "--poll", "1"],
+        env=env, capture_output=True, text=True, timeout=WAIT_SECONDS,
+    )
+    assert result.returncode == 2
+    assert "error: DEPLOY_BUILD: unknown build mode 'alwyas'" in result.stderr
