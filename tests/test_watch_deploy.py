@@ -740,13 +740,18 @@ def test_poll_mode_deploys_a_trigger_once(box):
     assert box.deliveries_before_marker() == ["polled"]
 
 
-def test_missing_app_dir_is_warned_at_start_for_the_default_deploy(box, tmp_path):
-    env = dict(box.env, DEPLOY_APP_DIR=str(tmp_path / "nowhere"))
-    del env["DEPLOY_COMMAND"]
-    result = subprocess.run(
-        [sys.executable, str(WATCHER), "--once"],
-        env=env, capture_output=True, text=True, timeout=WAIT_SECONDS,
+def run_with_the_default_deploy(box, *args, **env):
+    """Run the watcher with its own default deploy command (deploy.py beside it)."""
+    environment = dict(box.env, **env)
+    del environment["DEPLOY_COMMAND"]
+    return subprocess.run(
+        [sys.executable, str(WATCHER), *args],
+        env=environment, capture_output=True, text=True, timeout=WAIT_SECONDS,
     )
+
+
+def test_missing_app_dir_is_warned_at_start_for_the_default_deploy(box, tmp_path):
+    result = run_with_the_default_deploy(box, "--once", DEPLOY_APP_DIR=str(tmp_path / "nowhere"))
     assert result.returncode == 0
     assert (
         f"warning: DEPLOY_APP_DIR {tmp_path / 'nowhere'} is not a folder:"
@@ -776,11 +781,8 @@ def test_check_fails_on_a_bad_poll_value(box):
 
 
 def test_check_fails_for_a_missing_app_dir(box, tmp_path):
-    env = dict(box.env, DEPLOY_APP_DIR=str(tmp_path / "nowhere"))
-    del env["DEPLOY_COMMAND"]
-    result = subprocess.run(
-        [sys.executable, str(WATCHER), "--check", "--poll", "1"],
-        env=env, capture_output=True, text=True, timeout=WAIT_SECONDS,
+    result = run_with_the_default_deploy(
+        box, "--check", "--poll", "1", DEPLOY_APP_DIR=str(tmp_path / "nowhere")
     )
     assert result.returncode == 2
     assert f"error: DEPLOY_APP_DIR {tmp_path / 'nowhere'} is not a folder" in result.stderr
@@ -790,11 +792,8 @@ def test_check_runs_the_deploys_own_check_for_the_default_deploy(box, tmp_path):
     app = tmp_path / "app"
     (app / ".git").mkdir(parents=True)
     (app / "compose.yaml").write_text("services: {}\n")
-    env = dict(box.env, DEPLOY_APP_DIR=str(app), DEPLOY_BUILD="alwyas")
-    del env["DEPLOY_COMMAND"]
-    result = subprocess.run(
-        [sys.executable, str(WATCHER), "--check", "--poll", "1"],
-        env=env, capture_output=True, text=True, timeout=WAIT_SECONDS,
+    result = run_with_the_default_deploy(
+        box, "--check", "--poll", "1", DEPLOY_APP_DIR=str(app), DEPLOY_BUILD="alwyas"
     )
     assert result.returncode == 2
     assert "error: DEPLOY_BUILD: unknown build mode 'alwyas'" in result.stderr
